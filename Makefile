@@ -1,0 +1,51 @@
+# The two commands of the README: `make demo` (the main job) and `make test` (every test).
+# Both create .venv when missing (--system-site-packages, so a machine that already has torch and
+# triton reuses them and downloads nothing), install only what is missing (torch 2.13.0 only when
+# `import torch` fails; pip never picks torch), build the extension, then run.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+DEPS_STAMP := $(VENV)/.deps-ready
+BUILD_STAMP := $(VENV)/.build-ready
+CSRC := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
+
+.PHONY: setup build test pytest cmake-test demo bench clean
+
+setup: $(DEPS_STAMP)
+
+$(PY):
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+
+$(DEPS_STAMP): $(PY) Makefile
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	$(PY) -c "import triton" 2>/dev/null || $(PIP) install "triton>=3.6,<4"
+	$(PY) -c "import numpy, pytest, ninja, matplotlib, setuptools, wheel" 2>/dev/null || \
+		$(PIP) install numpy pytest ninja matplotlib "setuptools>=64" wheel
+	touch $@
+
+build: $(BUILD_STAMP)
+
+$(BUILD_STAMP): $(DEPS_STAMP) setup.py pyproject.toml $(CSRC)
+	$(PIP) install --no-build-isolation --no-deps -e .
+	touch $@
+
+pytest: $(BUILD_STAMP)
+	$(PY) -m pytest -q tests
+
+cmake-test:
+	cmake -S . -B cmake-build -DCMAKE_BUILD_TYPE=Release
+	cmake --build cmake-build -j2
+	ctest --test-dir cmake-build --output-on-failure
+
+test: cmake-test pytest
+
+demo: $(BUILD_STAMP)
+	$(PY) -m step_kernels.demo
+
+bench: $(BUILD_STAMP)
+	$(PY) -m bench
+
+clean:
+	rm -rf build cmake-build *.egg-info step_kernels/_C*.so $(BUILD_STAMP)

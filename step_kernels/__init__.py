@@ -1,0 +1,18 @@
+"""step-kernels: fused kernels and a PyTorch optimizer for STEP (Lu et al., ICML 2023).
+
+Importing this package needs neither a GPU, Triton nor the compiled extension; a backend that is
+missing raises a clear error when it is called.
+"""
+
+__version__ = "0.1.0"
+
+from . import reference  # noqa: E402
+from .ops import BackendUnavailableError, nm_prune, resolve_backend  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "nm_prune",
+    "resolve_backend",
+    "BackendUnavailableError",
+    "reference",
+]

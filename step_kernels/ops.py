@@ -1,0 +1,161 @@
+"""One entry point per op; each picks a backend: ``"triton"``, ``"cpu"`` or ``"reference"``.
+
+Backends are imported lazily, so importing this module never needs a GPU, Triton or the built
+extension. Asking for a backend that is not available raises :class:`BackendUnavailableError`
+with the reason and how to get it; an explicitly requested backend never falls back silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .reference import StepScalars
+
+BACKENDS = ("triton", "cpu", "reference")
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "backend_status",
+    "resolve_backend",
+    "fused_step",
+    "nm_prune",
+]
+
+
+class BackendUnavailableError(RuntimeError):
+    """A requested backend cannot run here; the message says why and how to get it."""
+
+
+def _interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_status(device: torch.device) -> Optional[str]:
+    """None when the Triton backend can run on ``device``, else the reason it cannot."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "Triton is not installed: `pip install 'triton>=3.6'` (Linux, x86-64 or aarch64)"
+    try:
+        from . import triton_kernels  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - a broken install
+        return f"step_kernels.triton_kernels failed to import: {exc}"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and _interpreter_on():
+        return None
+    return (
+        f"the Triton backend runs on CUDA tensors (got {device.type}); for CPU tensors set "
+        "TRITON_INTERPRET=1 before importing triton (slow: for tests), or use backend='cpu'"
+    )
+
+
+def _cpu_status(device: torch.device) -> Optional[str]:
+    """None when the C++ backend can run on ``device``, else the reason it cannot."""
+    if device.type != "cpu":
+        return f"the 'cpu' backend runs on CPU tensors (got {device.type}); use backend='triton'"
+    from . import _extension
+
+    reason = _extension.missing_reason()
+    if reason is not None:
+        return reason
+    if not _extension.has_op("fused_step"):
+        return (
+            "the compiled extension step_kernels._C has no fused_step op; rebuild it with "
+            "`pip install --no-build-isolation -e .` from a checkout that has csrc/step_cpu.cpp"
+        )
+    return None
+
+
+def backend_status(backend: str, device: torch.device) -> Optional[str]:
+    """None when ``backend`` can run on ``device``; otherwise the reason, with how to fix it."""
+    device = torch.device(device)
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        return _triton_status(device)
+    if backend == "cpu":
+        return _cpu_status(device)
+    raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {backend!r}")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend to use on ``device``: ``"auto"`` picks the fastest available one.
+
+    ``"auto"`` is ``"triton"`` on CUDA when Triton is installed, ``"cpu"`` on CPU when the
+    extension is built, else ``"reference"``. Any other name is checked and returned as is, or
+    raises :class:`BackendUnavailableError` saying why it cannot run.
+    """
+    device = torch.device(device)
+    if backend == "auto":
+        preferred = "triton" if device.type == "cuda" else "cpu"
+        return preferred if backend_status(preferred, device) is None else "reference"
+    reason = backend_status(backend, device)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend {backend!r} is unavailable: {reason}")
+    return backend
+
+
+def fused_step(
+    backend: str,
+    weights: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    second_moments: Sequence[Tensor],
+    model_params: Sequence[Optional[Tensor]],
+    *,
+    masked: bool,
+    frozen_v: bool,
+    n: int = 0,
+    m: int = 0,
+    group_dims: Optional[Sequence[int]] = None,
+    scalars: StepScalars,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+    compute_stats: bool = False,
+) -> Tensor:
+    """The optimizer step of :func:`step_kernels.reference.fused_step` on ``backend``.
+
+    Returns float64 ``[sum |dv|, sum v, flips]`` on the tensors' device.
+    """
+    kwargs = dict(
+        masked=masked, frozen_v=frozen_v, n=n, m=m,
+        group_dims=list(group_dims) if group_dims is not None else None,
+        grad_scale=grad_scale, found_inf=found_inf, compute_stats=compute_stats,
+    )
+    if backend == "reference":
+        return reference.fused_step(
+            weights, grads, exp_avgs, second_moments, model_params, scalars=scalars, **kwargs
+        )
+    if backend == "triton":
+        from .triton_kernels.fused_step import fused_step as triton_fused_step
+
+        return triton_fused_step(
+            weights, grads, exp_avgs, second_moments, model_params,
+            **kwargs, **dataclasses.asdict(scalars),
+        )
+    if backend == "cpu":
+        from ._extension import cpu_fused_step
+
+        return cpu_fused_step(
+            weights, grads, exp_avgs, second_moments, model_params,
+            **kwargs, **dataclasses.asdict(scalars),
+        )
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def nm_prune(w: Tensor, n: int, m: int, dim: int = -1, backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    """``(masked w, mask)``: keep the ``n`` largest ``|w|`` of every ``m`` along ``dim``."""
+    backend = resolve_backend(backend, w.device)
+    if backend == "triton":
+        from .triton_kernels.nm_prune import nm_prune as triton_nm_prune
+
+        return triton_nm_prune(w, n, m, dim)
+    return reference.nm_prune(w, n, m, dim)
