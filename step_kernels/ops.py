@@ -120,10 +120,11 @@ def fused_step(
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
     compute_stats: bool = False,
-) -> Tensor:
+) -> Tuple[Tensor, int]:
     """The optimizer step of :func:`step_kernels.reference.fused_step` on ``backend``.
 
-    Returns float64 ``[sum |dv|, sum v, flips]`` on the tensors' device.
+    Returns ``(totals, launches)``: float64 ``[sum |dv|, sum v, flips]`` on the tensors' device,
+    and the number of kernel launches the backend made (the reference counts one per tensor).
     """
     kwargs = dict(
         masked=masked, frozen_v=frozen_v, n=n, m=m,
@@ -131,9 +132,10 @@ def fused_step(
         grad_scale=grad_scale, found_inf=found_inf, compute_stats=compute_stats,
     )
     if backend == "reference":
-        return reference.fused_step(
+        totals = reference.fused_step(
             weights, grads, exp_avgs, second_moments, model_params, scalars=scalars, **kwargs
         )
+        return totals, len(weights)
     if backend == "triton":
         from .triton_kernels.fused_step import fused_step as triton_fused_step
 
@@ -144,10 +146,11 @@ def fused_step(
     if backend == "cpu":
         from ._extension import cpu_fused_step
 
-        return cpu_fused_step(
+        totals = cpu_fused_step(
             weights, grads, exp_avgs, second_moments, model_params,
             **kwargs, **dataclasses.asdict(scalars),
         )
+        return totals, 1
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
