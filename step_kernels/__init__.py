@@ -8,9 +8,14 @@ __version__ = "0.1.0"
 
 from . import reference  # noqa: E402
 from .ops import BackendUnavailableError, nm_prune, resolve_backend  # noqa: E402
+from .optimizer import STEP, AutoSwitch  # noqa: E402
+from .targets import sparse_param_groups  # noqa: E402
 
 __all__ = [
     "__version__",
+    "STEP",
+    "AutoSwitch",
+    "sparse_param_groups",
     "nm_prune",
     "resolve_backend",
     "BackendUnavailableError",

@@ -1,0 +1,562 @@
+"""The STEP optimizer (DESIGN.md section 4): one class, three recipes.
+
+- ``"step"``: dense AdamW until the switch, then N:M mask learning with the frozen preconditioner.
+- ``"srste"``: masked from step 1 with Adam's live second moment (the baseline STEP beats).
+- ``"dense"``: plain AdamW; ``sparsity`` keys are ignored.
+
+The model parameter always holds what the forward pass uses: ``w`` while dense, ``mask(w) * w``
+in the model dtype once masked, so autograd yields the straight-through gradient with no hooks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import ops, reference
+from .reference import parse_sparsity
+
+__all__ = ["STEP", "AutoSwitch"]
+
+RECIPES = ("step", "srste", "dense")
+PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+PRECOND_DTYPES = (torch.float32, torch.bfloat16)
+# Keys kept identical in every param group: the optimizer's global state. They live in the param
+# groups so torch.distributed.checkpoint saves and restores them.
+GLOBAL_KEYS = ("recipe", "step", "phase", "switch_step", "z_history", "precond_floor_count")
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor, or the tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+class AutoSwitch:
+    """When to leave the precondition phase (DESIGN.md section 4).
+
+    Each phase-1 step records ``Z_t = A_t / n`` (or ``A_t / S_t`` when ``relative``), where
+    ``A_t = sum |v_t - v_{t-1}|`` and ``S_t = sum v_t`` over every target coordinate. The switch
+    happens at the end of step t when the window of the last ``round(1 / (1 - beta2))`` values is
+    full, ``t >= min_step`` and its mean is ``<= threshold``; or when ``t >= max_step``.
+    ``min_step``/``max_step`` default to 10% and 50% of the optimizer's ``total_steps``.
+    """
+
+    def __init__(self, min_step: Optional[int] = None, max_step: Optional[int] = None,
+                 threshold: float = 1e-8, relative: bool = False):
+        for name, value in (("min_step", min_step), ("max_step", max_step)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"AutoSwitch: {name} must be None or an int >= 0, got {value!r}")
+        if min_step is not None and max_step is not None and max_step < min_step:
+            raise ValueError(f"AutoSwitch: max_step ({max_step}) must be >= min_step ({min_step})")
+        if not (isinstance(threshold, (int, float)) and threshold >= 0 and math.isfinite(threshold)):
+            raise ValueError(f"AutoSwitch: threshold must be a finite number >= 0, got {threshold!r}")
+        self.min_step = min_step
+        self.max_step = max_step
+        self.threshold = float(threshold)
+        self.relative = bool(relative)
+
+    def __repr__(self) -> str:
+        return (f"AutoSwitch(min_step={self.min_step}, max_step={self.max_step}, "
+                f"threshold={self.threshold}, relative={self.relative})")
+
+
+class _Bucket:
+    """Tensors that one backend call steps together (same flags, N:M, dtypes, hyper-parameters)."""
+
+    __slots__ = ("weights", "grads", "exp_avgs", "seconds", "outs", "group_dims", "numel")
+
+    def __init__(self):
+        self.weights: List[Tensor] = []
+        self.grads: List[Tensor] = []
+        self.exp_avgs: List[Tensor] = []
+        self.seconds: List[Tensor] = []
+        self.outs: List[Optional[Tensor]] = []
+        self.group_dims: List[int] = []
+        self.numel = 0
+
+
+class STEP(torch.optim.Optimizer):
+    """AdamW that learns N:M sparsity masks: STEP, SR-STE and dense recipes in one optimizer.
+
+    Args:
+        params: parameters or param groups; groups may carry ``sparsity`` (``"N:M"`` or None) and
+            ``nm_dim`` (the dim the groups of M run along: 1 for ``nn.Linear``, 0 for
+            ``Conv1D``). :func:`step_kernels.sparse_param_groups` builds them from a model.
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (decoupled decay on every group).
+        recipe: ``"step"``, ``"srste"`` or ``"dense"``.
+        srste_decay: the SR-STE decay on pruned weights (0 gives plain STE).
+        switch: None (a fresh :class:`AutoSwitch`), an :class:`AutoSwitch`, or an int k >= 1
+            (phase 2 starts at step k + 1). Only for ``recipe="step"``.
+        total_steps: sets AutoSwitch's default bounds to 10% and 50% of it.
+        backend: ``"auto"``, ``"triton"``, ``"cpu"`` or ``"reference"``; an explicit backend never
+            falls back silently. ``opt.backend`` is the one in use.
+        precond_eps: floor of the frozen preconditioner ``1 / (sqrt(v_hat) + precond_eps)``.
+        precond_dtype: ``torch.float32`` or ``torch.bfloat16``.
+
+    Public state: ``opt.phase`` (``"dense"`` | ``"sparse"``), ``opt.switch_step``, ``opt.backend``,
+    ``opt.stats()``.
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        recipe: str = "step",
+        srste_decay: float = 2e-4,
+        switch: Union[None, int, AutoSwitch] = None,
+        total_steps: Optional[int] = None,
+        backend: str = "auto",
+        precond_eps: float = 1e-6,
+        precond_dtype: torch.dtype = torch.float32,
+    ):
+        if recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+        if backend not in ("auto",) + ops.BACKENDS:
+            raise ValueError(f"backend must be one of {('auto',) + ops.BACKENDS}, got {backend!r}")
+        if not (isinstance(precond_eps, (int, float)) and precond_eps > 0 and math.isfinite(precond_eps)):
+            raise ValueError(f"precond_eps must be a finite number > 0, got {precond_eps!r}")
+        if precond_dtype not in PRECOND_DTYPES:
+            raise ValueError(f"precond_dtype must be one of {PRECOND_DTYPES}, got {precond_dtype!r}")
+        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
+                                        or total_steps < 1):
+            raise ValueError(f"total_steps must be None or an int >= 1, got {total_steps!r}")
+        if switch is None:
+            switch = AutoSwitch()
+        elif isinstance(switch, bool) or not isinstance(switch, (int, AutoSwitch)):
+            raise ValueError(f"switch must be None, an AutoSwitch or an int >= 1, got {switch!r}")
+        elif isinstance(switch, int) and switch < 1:
+            raise ValueError(f"switch must be an int >= 1 (phase 2 starts at step switch + 1), got {switch}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        srste_decay=srste_decay, sparsity=None, nm_dim=None)
+        self._check_hyper(defaults, "")
+        self.recipe = recipe
+        self.switch = switch
+        self.total_steps = total_steps
+        self.precond_eps = float(precond_eps)
+        self.precond_dtype = precond_dtype
+        self._requested_backend = backend
+        self.backend: Optional[str] = None
+        self._last_flips: Optional[Tensor] = None
+        self._last_masked_numel = 0
+        self._last_launches = 0
+        super().__init__(params, defaults)
+
+    # -----------------------------------------------------------------------------------------
+    # configuration and state creation
+    # -----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_hyper(group: Dict[str, Any], where: str) -> None:
+        lr = group["lr"]
+        if isinstance(lr, Tensor):
+            lr = lr.item()
+        if not (isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr)):
+            raise ValueError(f"{where}lr must be a finite number >= 0, got {group['lr']!r}")
+        betas = group["betas"]
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+                and all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)):
+            raise ValueError(f"{where}betas must be two numbers in [0, 1), got {betas!r}")
+        for key in ("eps", "weight_decay", "srste_decay"):
+            value = group[key]
+            if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{where}{key} must be a finite number >= 0, got {value!r}")
+
+    def _param_name(self, group: Dict[str, Any], group_index: int, index: int) -> str:
+        names = group.get("param_names")
+        if names is not None and index < len(names):
+            return names[index]
+        return f"param_groups[{group_index}]['params'][{index}]"
+
+    def _is_target(self, group: Dict[str, Any]) -> bool:
+        return self.recipe != "dense" and group.get("sparsity") is not None
+
+    def _validate_group(self, group: Dict[str, Any], gi: int) -> None:
+        where = f"param_groups[{gi}]: "
+        self._check_hyper(group, where)
+        sparsity = group.get("sparsity")
+        names = group.get("param_names")
+        if names is not None and len(names) != len(group["params"]):
+            raise ValueError(f"{where}param_names has {len(names)} entries for {len(group['params'])} params")
+        if sparsity is not None:
+            n, m = parse_sparsity(sparsity, f"{where}sparsity")
+        for i, p in enumerate(group["params"]):
+            name = self._param_name(group, gi, i)
+            if p.dtype not in PARAM_DTYPES:
+                raise ValueError(f"{name}: dtype {p.dtype} is not supported; use one of {PARAM_DTYPES}")
+            if sparsity is None or self.recipe == "dense":
+                continue
+            if p.dim() != 2:
+                raise ValueError(f"{name}: N:M targets must be 2-D weights, got shape {tuple(p.shape)}")
+            dim = group.get("nm_dim")
+            dim = 1 if dim is None else dim
+            if dim not in (0, 1, -1, -2):
+                raise ValueError(f"{name}: nm_dim must be 0 or 1 for a 2-D weight, got {group.get('nm_dim')!r}")
+            size = _local(p).shape[dim]
+            if size % m != 0:
+                raise ValueError(f"{name}: input size {size} (dim {dim % 2} of shape {tuple(_local(p).shape)}) "
+                                 f"is not divisible by M={m} of sparsity {sparsity!r}")
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Add a param group (validated, state created eagerly; targets masked now for "srste")."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        gi = len(self.param_groups) - 1
+        try:
+            self._validate_group(group, gi)
+            devices = {_local(p).device for g in self.param_groups for p in g["params"]}
+            if len(devices) > 1:
+                raise ValueError(f"param_groups[{gi}]: all parameters must be on one device, got {sorted(map(str, devices))}")
+            if self.backend is None and group["params"]:
+                self.backend = ops.resolve_backend(self._requested_backend, next(iter(devices)))
+        except Exception:
+            self.param_groups.pop()
+            raise
+        source = self.param_groups[0]
+        for key in GLOBAL_KEYS:
+            if gi == 0:
+                group[key] = {"recipe": self.recipe, "step": 0, "phase": "dense", "switch_step": None,
+                              "z_history": [], "precond_floor_count": 0}[key]
+            else:
+                group[key] = list(source[key]) if key == "z_history" else source[key]
+        if group["sparsity"] is not None:
+            group["nm_dim"] = 1 if group.get("nm_dim") is None else group["nm_dim"] % 2
+        with torch.no_grad():
+            for p in group["params"]:
+                self._init_state(p, group)
+
+    def _masked_now(self, group: Dict[str, Any]) -> bool:
+        if not self._is_target(group):
+            return False
+        return self.recipe == "srste" or group["phase"] == "sparse"
+
+    def _init_state(self, p: Tensor, group: Dict[str, Any]) -> None:
+        state = self.state[p]
+        if state:
+            return
+        state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+        masked = self._masked_now(group)
+        if masked and self.recipe == "step":
+            # A group added after the switch starts with the preconditioner of v = 0.
+            state["precond"] = torch.full_like(p, 1.0 / self.precond_eps, dtype=self.precond_dtype)
+        else:
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+        if p.dtype != torch.float32 or masked:
+            state["master"] = p.detach().to(torch.float32, copy=True)
+        if masked:
+            self._write_masked(p, state["master"], group)
+
+    def _write_masked(self, p: Tensor, master: Tensor, group: Dict[str, Any]) -> None:
+        n, m = parse_sparsity(group["sparsity"])
+        local_master = _local(master)
+        keep = reference.nm_mask(local_master, n, m, group["nm_dim"])
+        _local(p).copy_(torch.where(keep, local_master, torch.zeros((), dtype=torch.float32, device=local_master.device)))
+
+    # -----------------------------------------------------------------------------------------
+    # public state
+    # -----------------------------------------------------------------------------------------
+
+    @property
+    def _globals(self) -> Dict[str, Any]:
+        return self.param_groups[0]
+
+    @property
+    def phase(self) -> str:
+        """``"dense"`` before the switch (and always for recipe "dense"), ``"sparse"`` after it.
+
+        Recipe ``"srste"`` is masked from the start, so its phase is ``"sparse"``.
+        """
+        if self.recipe == "srste":
+            return "sparse"
+        return self._globals["phase"]
+
+    @property
+    def switch_step(self) -> Optional[int]:
+        """The step k at whose end the switch happened (phase 2 starts at k + 1), or None."""
+        return self._globals["switch_step"]
+
+    @property
+    def step_count(self) -> int:
+        """The global step counter t (steps taken; skipped steps do not count)."""
+        return self._globals["step"]
+
+    def _set_global(self, key: str, value: Any) -> None:
+        for group in self.param_groups:
+            group[key] = value
+
+    def _targets(self):
+        for gi, group in enumerate(self.param_groups):
+            if self._is_target(group):
+                for i, p in enumerate(group["params"]):
+                    yield self._param_name(group, gi, i), p, group
+
+    def stats(self) -> Dict[str, Any]:
+        """What the optimizer did: ``flip_rate`` of the last step (fraction of target coordinates
+        whose mask changed; None before any masked step), ``z_history`` (AutoSwitch's Z per
+        phase-1 step), ``sparsity`` (fraction of zeros over all targets' model parameters, now),
+        ``precond_floor_count`` (coordinates whose sqrt(v_hat) was below ``precond_eps`` at the
+        switch), ``kernel_launches`` (in the last step), plus ``phase``, ``step``, ``switch_step``
+        and ``backend``."""
+        flip_rate = None
+        if self._last_flips is not None and self._last_masked_numel:
+            flip_rate = float(self._last_flips.item()) / self._last_masked_numel
+        zeros = total = 0
+        with torch.no_grad():
+            for _, p, _ in self._targets():
+                local = _local(p)
+                zeros += int((local == 0).sum().item())
+                total += local.numel()
+        return {
+            "flip_rate": flip_rate,
+            "z_history": list(self._globals["z_history"]),
+            "sparsity": zeros / total if total else 0.0,
+            "precond_floor_count": self._globals["precond_floor_count"],
+            "kernel_launches": self._last_launches,
+            "phase": self.phase,
+            "step": self.step_count,
+            "switch_step": self.switch_step,
+            "backend": self.backend,
+        }
+
+    # -----------------------------------------------------------------------------------------
+    # the step
+    # -----------------------------------------------------------------------------------------
+
+    def _collect(self, t: int):
+        """Group this step's work into backend calls; validate every grad before anything runs."""
+        buckets: Dict[tuple, _Bucket] = defaultdict(_Bucket)
+        phase = self._globals["phase"]
+        autoswitch = self.recipe == "step" and phase == "dense" and isinstance(self.switch, AutoSwitch)
+        for gi, group in enumerate(self.param_groups):
+            target = self._is_target(group)
+            masked = self._masked_now(group)
+            frozen = masked and self.recipe == "step"
+            stats = target and not masked and autoswitch
+            n, m = parse_sparsity(group["sparsity"]) if masked else (0, 0)
+            beta1, beta2 = group["betas"]
+            lr = group["lr"].item() if isinstance(group["lr"], Tensor) else group["lr"]
+            hyper = (float(lr), float(beta1), float(beta2), float(group["eps"]),
+                     float(group["weight_decay"]), float(group["srste_decay"]))
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                name = self._param_name(group, gi, i)
+                grad = p.grad
+                if grad.is_sparse:
+                    raise ValueError(f"{name}: sparse gradients are not supported")
+                if grad.shape != p.shape:
+                    raise ValueError(f"{name}: grad shape {tuple(grad.shape)} != param shape {tuple(p.shape)}")
+                if grad.dtype not in PARAM_DTYPES:
+                    raise ValueError(f"{name}: grad dtype {grad.dtype} is not supported; use one of {PARAM_DTYPES}")
+                if grad.device != p.device:
+                    raise ValueError(f"{name}: grad is on {grad.device} but the param is on {p.device}")
+                state = self.state[p]
+                master = state.get("master")
+                second = state["precond"] if frozen else state["exp_avg_sq"]
+                out = p if master is not None else None
+                key = (masked, frozen, stats, n, m, hyper, grad.dtype, p.dtype if out is not None else None,
+                       second.dtype)
+                b = buckets[key]
+                b.weights.append(_local(master if master is not None else p))
+                b.grads.append(_local(grad))
+                b.exp_avgs.append(_local(state["exp_avg"]))
+                b.seconds.append(_local(second))
+                b.outs.append(_local(out) if out is not None else None)
+                b.group_dims.append(group["nm_dim"] if masked else -1)
+                b.numel += _local(p).numel()
+        return buckets
+
+    def _reduce_stats(self, totals: Tensor) -> Tensor:
+        """Sum the AutoSwitch statistics and flips over ranks (identity on one process)."""
+        return totals
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        """Take one optimizer step (skipped, and counted nowhere, when ``found_inf`` is set)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale: Optional[Tensor] = getattr(self, "grad_scale", None)
+        found_inf: Optional[Tensor] = getattr(self, "found_inf", None)
+        if found_inf is not None and bool(found_inf.item() != 0):
+            self._last_launches = 0
+            return loss
+        t = self._globals["step"] + 1
+        buckets = self._collect(t)
+        device = next((b.weights[0].device for b in buckets.values()), torch.device("cpu"))
+        totals = torch.zeros(3, dtype=torch.float64, device=device)
+        stats_numel = masked_numel = launches = 0
+        for key, b in buckets.items():
+            masked, frozen, stats, n, m, hyper, *_ = key
+            lr, beta1, beta2, eps, wd, srste_decay = hyper
+            scalars = reference.step_scalars(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd,
+                                             step=t, srste_decay=srste_decay)
+            part, n_launches = ops.fused_step(
+                self.backend, b.weights, b.grads, b.exp_avgs, b.seconds, b.outs,
+                masked=masked, frozen_v=frozen, n=n, m=m, group_dims=b.group_dims if masked else None,
+                scalars=scalars, grad_scale=grad_scale, compute_stats=stats,
+            )
+            totals += part.to(device)
+            launches += n_launches
+            if stats:
+                stats_numel += b.numel
+            if masked:
+                masked_numel += b.numel
+        self._set_global("step", t)
+        self._last_launches = launches
+        self._last_flips = totals[2]
+        self._last_masked_numel = masked_numel
+        if self.recipe == "step" and self._globals["phase"] == "dense":
+            if isinstance(self.switch, AutoSwitch):
+                self._autoswitch(t, self._reduce_stats(totals), stats_numel)
+            elif t >= self.switch:
+                self._do_switch(t)
+        return loss
+
+    def _autoswitch(self, t: int, totals: Tensor, numel: int) -> None:
+        abs_dv, v_sum = totals[0].item(), totals[1].item()
+        history = self._globals["z_history"]
+        if numel:
+            history.append(reference.autoswitch_z(abs_dv, v_sum, numel, self.switch.relative))
+        beta2 = next((g["betas"][1] for g in self.param_groups if self._is_target(g)), self.defaults["betas"][1])
+        t_min, t_max = reference.autoswitch_bounds(self.switch.min_step, self.switch.max_step, self.total_steps)
+        if reference.autoswitch_decide(history, t, beta2=beta2, threshold=self.switch.threshold,
+                                       t_min=t_min, t_max=t_max):
+            self._do_switch(t)
+
+    def _do_switch(self, t: int) -> None:
+        """End of step t: freeze v into the preconditioner, keep masters, mask the model."""
+        floor = 0
+        for _, p, group in self._targets():
+            state = self.state[p]
+            v = state.pop("exp_avg_sq")
+            beta2 = group["betas"][1]
+            bc2_sqrt = (1 - beta2**t) ** 0.5
+            floor += int(((_local(v).sqrt() / bc2_sqrt) < self.precond_eps).sum().item())
+            state["precond"] = reference.preconditioner(v, beta2=beta2, step=t, precond_eps=self.precond_eps,
+                                                        dtype=self.precond_dtype)
+            if "master" not in state:
+                state["master"] = p.detach().to(torch.float32, copy=True)
+            self._write_masked(p, state["master"], group)
+        self._set_global("phase", "sparse")
+        self._set_global("switch_step", t)
+        self._set_global("precond_floor_count", floor)
+
+    # -----------------------------------------------------------------------------------------
+    # checkpoints
+    # -----------------------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load a state saved by :meth:`state_dict`; resumes bit-identically.
+
+        State tensors keep their saved dtypes (torch's default would cast them to the parameter
+        dtype), and model parameters are rewritten from the masters so the two never disagree.
+        A state from another recipe, N:M or layout raises ``ValueError`` and changes nothing.
+        """
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state dict has {len(saved_groups)} param groups, this optimizer has "
+                             f"{len(self.param_groups)}")
+        for gi, (mine, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if saved.get("recipe") != self.recipe:
+                raise ValueError(f"param_groups[{gi}]: state dict is from recipe {saved.get('recipe')!r}, "
+                                 f"this optimizer runs {self.recipe!r}")
+            for key in ("sparsity", "nm_dim"):
+                if saved.get(key) != mine.get(key):
+                    raise ValueError(f"param_groups[{gi}]: state dict has {key}={saved.get(key)!r}, "
+                                     f"this optimizer has {key}={mine.get(key)!r}")
+            if len(saved["params"]) != len(mine["params"]):
+                raise ValueError(f"param_groups[{gi}]: state dict has {len(saved['params'])} params, "
+                                 f"this optimizer has {len(mine['params'])}")
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved_ids = [i for g in saved_groups for i in g["params"]]
+        sparse = saved_groups[0].get("phase") == "sparse"
+        position = 0
+        for gi, group in enumerate(self.param_groups):
+            frozen = sparse and self.recipe == "step" and self._is_target(group)
+            for i, p in enumerate(group["params"]):
+                entry = state_dict["state"].get(saved_ids[position], {})
+                position += 1
+                name = self._param_name(group, gi, i)
+                for key in ("exp_avg", "precond" if frozen else "exp_avg_sq"):
+                    if key not in entry:
+                        raise ValueError(f"{name}: state dict has no {key!r}")
+                    if tuple(entry[key].shape) != tuple(p.shape):
+                        raise ValueError(f"{name}: state {key!r} has shape {tuple(entry[key].shape)}, "
+                                         f"param has {tuple(p.shape)}")
+        originals = {pid: dict(state_dict["state"].get(pid, {})) for pid in saved_ids}
+        super().load_state_dict(state_dict)
+        with torch.no_grad():
+            for p, pid in zip(params, saved_ids):
+                state = self.state[p]
+                state.clear()
+                for key, value in originals[pid].items():
+                    state[key] = value.to(device=p.device, copy=True) if isinstance(value, Tensor) else value
+            for group in self.param_groups:
+                group["z_history"] = list(group["z_history"])
+                for p in group["params"]:
+                    master = self.state[p].get("master")
+                    if master is None:
+                        continue
+                    if self._masked_now(group):
+                        self._write_masked(p, master, group)
+                    else:
+                        _local(p).copy_(_local(master))
+
+    # -----------------------------------------------------------------------------------------
+    # starting from a dense AdamW run
+    # -----------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_adamw(cls, model: torch.nn.Module, adamw_state_dict: Dict[str, Any], *,
+                   sparsity: str = "2:4", include=None, exclude=None, weight_decay: Optional[float] = None,
+                   overrides: Optional[Dict[str, str]] = None, **kwargs) -> "STEP":
+        """A STEP optimizer for ``model`` that continues a dense ``torch.optim.AdamW`` run.
+
+        ``adamw_state_dict`` is ``AdamW.state_dict()`` of an optimizer built over
+        ``model.parameters()`` (in that order). Its ``exp_avg``, ``exp_avg_sq`` and step count
+        become STEP's ``m``, ``v`` and ``t``; the phase-1 clock and AutoSwitch start from there.
+        Other keyword arguments go to :class:`STEP` (``lr`` defaults to the AdamW run's).
+        """
+        from .targets import sparse_param_groups
+
+        saved_groups = adamw_state_dict["param_groups"]
+        saved_ids = [i for g in saved_groups for i in g["params"]]
+        named = list(model.named_parameters())
+        if len(saved_ids) != len(named):
+            raise ValueError(f"adamw_state_dict covers {len(saved_ids)} params, the model has {len(named)} "
+                             "(it must come from AdamW(model.parameters()))")
+        for key in ("lr", "betas", "eps"):
+            kwargs.setdefault(key, saved_groups[0][key])
+        groups = sparse_param_groups(model, sparsity, include=include, exclude=exclude,
+                                     weight_decay=weight_decay, overrides=overrides)
+        opt = cls(groups, **kwargs)
+        steps = set()
+        with torch.no_grad():
+            for (name, p), pid in zip(named, saved_ids):
+                entry = adamw_state_dict["state"].get(pid)
+                if not entry:
+                    continue
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if tuple(entry[key].shape) != tuple(p.shape):
+                        raise ValueError(f"{name}: AdamW {key} has shape {tuple(entry[key].shape)}, "
+                                         f"param has {tuple(p.shape)}")
+                state = opt.state[p]
+                state["exp_avg"].copy_(entry["exp_avg"])
+                if "exp_avg_sq" in state:
+                    state["exp_avg_sq"].copy_(entry["exp_avg_sq"])
+                steps.add(int(entry["step"].item() if isinstance(entry["step"], Tensor) else entry["step"]))
+        if len(steps) > 1:
+            raise ValueError(f"adamw_state_dict has different step counts per parameter: {sorted(steps)}")
+        opt._set_global("step", steps.pop() if steps else 0)
+        return opt
