@@ -101,6 +101,8 @@ def find_targets(
     ``include`` keeps only matching modules (None: every Linear/Conv1D). ``exclude=None`` applies
     the defaults of the module docstring; ``exclude=[]`` excludes nothing beyond what is not a
     2-D Linear/Conv1D weight; any other value excludes what it matches (and nothing else).
+    A weight shared by several modules is one target, named after its first module, and stays
+    dense when any of its modules is excluded before it is selected.
     """
     include_list = _as_list(include)
     exclude_list = _as_list(exclude)
@@ -113,13 +115,13 @@ def find_targets(
         if dim is None:
             continue
         weight = module.weight
-        if id(weight) in seen:  # a weight shared by two modules is one target
+        if id(weight) in seen:  # a weight shared by two modules is decided once
             continue
         if include_list and not _matches(include_list, name, module, "include"):
             continue
-        if defaults and (re.search(DEFAULT_EXCLUDE_NAMES, name) or id(weight) in embedding_ids):
-            continue
-        if exclude_list and _matches(exclude_list, name, module, "exclude"):
+        excluded = defaults and (re.search(DEFAULT_EXCLUDE_NAMES, name) or id(weight) in embedding_ids)
+        if excluded or exclude_list and _matches(exclude_list, name, module, "exclude"):
+            seen.add(id(weight))  # excluded under one of its names: stays dense under all of them
             continue
         seen.add(id(weight))
         targets.append(Target(name, module, weight, dim))
