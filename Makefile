@@ -9,6 +9,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEPS_STAMP := $(VENV)/.deps-ready
 BUILD_STAMP := $(VENV)/.build-ready
+# Optional: tests that need them are skipped without them (pip never resolves torch through these).
+OPTIONAL_DEPS := transformers==5.24.0 scikit-learn==1.9.1
 CSRC := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
 
 .PHONY: setup build test pytest cmake-test demo bench clean
@@ -23,6 +25,8 @@ $(DEPS_STAMP): $(PY) Makefile
 	$(PY) -c "import triton" 2>/dev/null || $(PIP) install "triton>=3.6,<4"
 	$(PY) -c "import numpy, pytest, ninja, matplotlib, setuptools, wheel" 2>/dev/null || \
 		$(PIP) install numpy pytest ninja matplotlib "setuptools>=64" wheel
+	$(PY) -c "import transformers, sklearn" 2>/dev/null || $(PIP) install $(OPTIONAL_DEPS) || \
+		echo "note: optional packages ($(OPTIONAL_DEPS)) not installed; their tests are skipped"
 	touch $@
 
 build: $(BUILD_STAMP)

@@ -1,0 +1,258 @@
+"""The accuracy study: plan, run what is missing, report.
+
+``python -m bench.accuracy.study plan`` lists every run and whether its result exists;
+``python -m bench.accuracy.study run [--max-minutes M] [--task lm]`` trains missing runs in plan
+order (each result is one JSON file under ``bench/accuracy/results/``, so the study resumes where
+it stopped and can be spread over many sessions); ``python -m bench.accuracy.study report``
+writes ``bench/accuracy/REPORT.md`` and its plots from the committed results, and copies the
+summary tables into the top-level README between the ``accuracy`` markers.
+
+The plan, fair by construction: (1) each recipe's lr is the best of ``LR_GRID`` on seed 0 at 2:4
+(dense: its own best); (2) every recipe x ratio runs ``SEEDS`` with its tuned lr; (3) ablations of
+DESIGN.md's departures on the LM, recipe ``step`` at 2:4, with step's tuned lr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import statistics
+import time
+from typing import Dict, Iterator, List, Optional
+
+from .run import ABLATIONS, RECIPES, RunConfig, result_path, run_if_missing
+from .tasks import TASKS
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS_DIR = os.path.join(HERE, "results")
+REPORT = os.path.join(HERE, "REPORT.md")
+README = os.path.join(os.path.dirname(os.path.dirname(HERE)), "README.md")
+TASK_ORDER = ("lm", "digits", "gpt2")
+LR_GRID = (1e-3, 2e-3, 4e-3, 8e-3)
+SEEDS = (0, 1, 2)
+TUNE_SPARSITY = "2:4"
+
+
+def load_results(results_dir: str = RESULTS_DIR) -> Dict[str, Dict]:
+    """Every stored result, by run id."""
+    out = {}
+    for path in glob.glob(os.path.join(results_dir, "*", "*.json")):
+        with open(path) as f:
+            result = json.load(f)
+        out[result["run_id"]] = result
+    return out
+
+
+def _better(task: str, a: float, b: float) -> bool:
+    return a > b if TASKS[task].higher_is_better else a < b
+
+
+def tuned_lr(task: str, recipe: str, results: Dict[str, Dict]) -> Optional[float]:
+    """The best lr of the grid for (task, recipe) on seed 0 at 2:4, once all its runs exist."""
+    best = None
+    for lr in LR_GRID:
+        config = RunConfig(task, recipe, None if recipe == "dense" else TUNE_SPARSITY, lr, 0)
+        result = results.get(config.run_id)
+        if result is None:
+            return None
+        value = result["final"][result["metric"]]
+        if best is None or _better(task, value, best[1]):
+            best = (lr, value)
+    return best[0]
+
+
+def plan(results: Dict[str, Dict], tasks=TASK_ORDER) -> Iterator[RunConfig]:
+    """Every run of the study in order; runs that depend on a tuned lr appear once it is known."""
+    for task in tasks:
+        for recipe in RECIPES:
+            for lr in LR_GRID:
+                yield RunConfig(task, recipe, None if recipe == "dense" else TUNE_SPARSITY, lr, 0)
+        for recipe in RECIPES:
+            lr = tuned_lr(task, recipe, results)
+            if lr is None:
+                continue
+            for sparsity in ([None] if recipe == "dense" else TASKS[task].sparsities):
+                for seed in SEEDS:
+                    yield RunConfig(task, recipe, sparsity, lr, seed)
+        lr = tuned_lr(task, "step", results)
+        if task == "lm" and lr is not None:
+            for ablation in ABLATIONS:
+                for seed in SEEDS:
+                    yield RunConfig(task, "step", TUNE_SPARSITY, lr, seed, ablation)
+
+
+def _unique(configs: Iterator[RunConfig]) -> List[RunConfig]:
+    seen, out = set(), []
+    for c in configs:
+        if c.run_id not in seen:
+            seen.add(c.run_id)
+            out.append(c)
+    return out
+
+
+def cmd_plan(args) -> None:
+    results = load_results(args.results)
+    configs = _unique(plan(results, args.tasks))
+    done = sum(c.run_id in results for c in configs)
+    for c in configs:
+        print(f"{'done' if c.run_id in results else 'todo'}  {c.run_id}")
+    print(f"{done}/{len(configs)} runs done (runs that need a tuned lr appear once tuning is complete)")
+
+
+def cmd_run(args) -> None:
+    deadline = time.time() + args.max_minutes * 60 if args.max_minutes else None
+    while True:
+        results = load_results(args.results)
+        todo = [c for c in _unique(plan(results, args.tasks)) if c.run_id not in results]
+        if not todo:
+            print("nothing left to run")
+            return
+        if deadline is not None and time.time() > deadline:
+            print(f"stopping: --max-minutes {args.max_minutes} reached; {len(todo)} runs left")
+            return
+        config = todo[0]
+        print(f"[{len(results) + 1}] {config.run_id}", flush=True)
+        start = time.time()
+        result = run_if_missing(config, args.results, progress=lambda s: print(s, flush=True))
+        if result is not None:
+            print(f"    -> {result['metric']} {result['final'][result['metric']]:.4f}, switch "
+                  f"{result['switch_step']}, {time.time() - start:.0f} s -> {result_path(args.results, config)}",
+                  flush=True)
+
+
+def _stats(values: List[float]) -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.4f} ± {spread:.4f} (n={len(values)})"
+
+
+def summary_tables(results: Dict[str, Dict]) -> str:
+    """Markdown: per task, recipe x ratio mean ± std of the headline metric; then the ablations."""
+    lines = []
+    for task in TASK_ORDER:
+        rows = []
+        for recipe in RECIPES:
+            lr = tuned_lr(task, recipe, results)
+            if lr is None:
+                continue
+            for sparsity in ([None] if recipe == "dense" else TASKS[task].sparsities):
+                runs = [results[c.run_id] for c in (RunConfig(task, recipe, sparsity, lr, s) for s in SEEDS)
+                        if c.run_id in results]
+                values = [r["final"][r["metric"]] for r in runs]
+                switches = [r["switch_step"] for r in runs if r["switch_step"] is not None]
+                rows.append(f"| {recipe} | {sparsity or '-'} | {lr:g} | {_stats(values)} | "
+                            f"{statistics.fmean(switches):.0f} |" if switches else
+                            f"| {recipe} | {sparsity or '-'} | {lr:g} | {_stats(values)} | - |")
+        if rows:
+            metric = TASKS[task].metric
+            direction = "higher" if TASKS[task].higher_is_better else "lower"
+            lines += [f"**{task}** ({TASKS[task].__doc__.splitlines()[0]}) — {metric}, {direction} is better",
+                      "", f"| recipe | N:M | lr (tuned) | {metric} mean ± std | switch step (mean) |",
+                      "|---|---|---|---|---|", *rows, ""]
+    lr = tuned_lr("lm", "step", results)
+    if lr is not None:
+        rows = []
+        for ablation in (None,) + ABLATIONS:
+            runs = [results[c.run_id] for c in
+                    (RunConfig("lm", "step", TUNE_SPARSITY, lr, s, ablation) for s in SEEDS)
+                    if c.run_id in results]
+            if runs:
+                values = [r["final"]["val_loss"] for r in runs]
+                wall = statistics.fmean(r["wall_s"] / r["steps"] * 1e3 for r in runs)
+                rows.append(f"| {ablation or 'defaults (bias-corrected v, eps 1e-6, SR-STE, fp32 p)'} | "
+                            f"{_stats(values)} | {wall:.0f} |")
+        lines += ["**Ablations** (lm, step, 2:4)", "", "| variant | val_loss mean ± std | ms/step (whole "
+                  "training step, shared machine) |", "|---|---|---|", *rows, ""]
+    return "\n".join(lines)
+
+
+def _plot(results: Dict[str, Dict], task: str, path: str) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sparsities = TASKS[task].sparsities
+    fig, axes = plt.subplots(2, len(sparsities), figsize=(4.2 * len(sparsities), 7), squeeze=False)
+    drawn = False
+    for col, sparsity in enumerate(sparsities):
+        ax, fax = axes[0][col], axes[1][col]
+        for recipe in RECIPES:
+            lr = tuned_lr(task, recipe, results)
+            if lr is None:
+                continue
+            runs = [results[c.run_id] for c in (RunConfig(task, recipe, None if recipe == "dense" else sparsity,
+                                                          lr, s) for s in SEEDS) if c.run_id in results]
+            if not runs:
+                continue
+            steps = [p["step"] for p in runs[0]["curve"]]
+            metric = runs[0]["metric"]
+            mean = [statistics.fmean(r["curve"][i][metric] for r in runs) for i in range(len(steps))]
+            ax.plot(steps, mean, marker=".", label=f"{recipe} (n={len(runs)})")
+            if runs[0]["flip_rate"]:
+                fs, fr = zip(*runs[0]["flip_rate"])
+                fax.semilogy(fs, [max(v, 1e-7) for v in fr], label=recipe)
+            drawn = True
+        ax.set_title(f"{task} {sparsity}", fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel(TASKS[task].metric)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fax.set_xlabel("step")
+        fax.set_ylabel("mask flip rate (seed 0)")
+        fax.legend(fontsize=7)
+        fax.grid(alpha=0.3)
+    if drawn:
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return drawn
+
+
+def cmd_report(args) -> None:
+    results = load_results(args.results)
+    configs = _unique(plan(results))
+    done = sum(c.run_id in results for c in configs)
+    tables = summary_tables(results)
+    plots = []
+    for task in TASK_ORDER:
+        png = os.path.join(HERE, f"{task}.png")
+        if _plot(results, task, png):
+            plots.append(f"![{task}](bench/accuracy/{task}.png)")
+    machines = sorted({f"{r['threads']} threads, torch {r['torch']}" for r in results.values()})
+    body = (f"{done} of {len(configs)} planned runs done (the plan grows once each recipe's lr is tuned). "
+            f"Made on {', '.join(machines) or 'no runs yet'} (CPU). Regenerate with "
+            f"`python -m bench.accuracy.study report`; continue with `python -m bench.accuracy.study run`.\n\n"
+            f"{tables}\n" + "\n".join(plots) + "\n")
+    with open(REPORT, "w") as f:
+        f.write("# Accuracy study\n\n" + body.replace("](bench/accuracy/", "]("))
+    with open(README) as f:
+        readme = f.read()
+    begin, end = "<!-- accuracy:begin -->", "<!-- accuracy:end -->"
+    if begin in readme and end in readme:
+        readme = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: f"{begin}\n{body}{end}", readme,
+                        flags=re.S)
+        with open(README, "w") as f:
+            f.write(readme)
+    print(body)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=("plan", "run", "report"))
+    parser.add_argument("--task", dest="tasks", action="append", choices=TASK_ORDER,
+                        help="restrict to a task (repeatable); default: all, in the order lm, digits, gpt2")
+    parser.add_argument("--max-minutes", type=float, default=None, help="run: stop starting runs after this")
+    parser.add_argument("--results", default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    args.tasks = tuple(args.tasks) if args.tasks else TASK_ORDER
+    {"plan": cmd_plan, "run": cmd_run, "report": cmd_report}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
