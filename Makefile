@@ -23,8 +23,8 @@ $(PY):
 $(DEPS_STAMP): $(PY) Makefile
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	$(PY) -c "import triton" 2>/dev/null || $(PIP) install "triton>=3.6,<4"
-	$(PY) -c "import numpy, pytest, ninja, matplotlib, setuptools, wheel" 2>/dev/null || \
-		$(PIP) install numpy pytest ninja matplotlib "setuptools>=64" wheel
+	$(PY) -c "import numpy, pytest, pytest_benchmark, ninja, matplotlib, setuptools, wheel" 2>/dev/null || \
+		$(PIP) install numpy pytest pytest-benchmark ninja matplotlib "setuptools>=64" wheel
 	$(PY) -c "import transformers, sklearn" 2>/dev/null || $(PIP) install $(OPTIONAL_DEPS) || \
 		echo "note: optional packages ($(OPTIONAL_DEPS)) not installed; their tests are skipped"
 	touch $@
