@@ -55,6 +55,10 @@ STEP_HD uint32_t ref_nibble(uint32_t nz) {
 
 STEP_HD int popcount4(uint32_t x) { return (x & 1u) + ((x >> 1) & 1u) + ((x >> 2) & 1u) + ((x >> 3) & 1u); }
 
+// x[i] with constant indices only, so a CUDA thread keeps its group in registers.
+template <class R>
+STEP_HD R pick4(const R* x, uint32_t i) { return i == 0 ? x[0] : i == 1 ? x[1] : i == 2 ? x[2] : x[3]; }
+
 // Packs one group of 4: writes the two stored values to out[0..1] and returns the nibble, with
 // bit 4 set when the group has more than two nonzeros (an error without prune).
 // prune=false: stored values are x[i0], x[i1] exactly as the reference gathers them.
@@ -71,8 +75,8 @@ STEP_HD uint32_t pack_group(const typename T::raw* x, bool prune, typename T::ra
   for (int i = 0; i < 4; ++i) nz |= static_cast<uint32_t>(((keep >> i) & 1u) && T::nonzero(x[i])) << i;
   const uint32_t nibble = ref_nibble(nz);
   const uint32_t i0 = nibble & 3u, i1 = nibble >> 2;
-  out[0] = ((keep >> i0) & 1u) ? x[i0] : typename T::raw(0);
-  out[1] = ((keep >> i1) & 1u) ? x[i1] : typename T::raw(0);
+  out[0] = ((keep >> i0) & 1u) ? pick4(x, i0) : typename T::raw(0);
+  out[1] = ((keep >> i1) & 1u) ? pick4(x, i1) : typename T::raw(0);
   return nibble | (popcount4(nz) > 2 ? 0x10u : 0u);
 }
 

@@ -258,3 +258,23 @@ def test_compiles_with_fake_kernels():
 
 def test_top_level_exports():
     assert step_kernels.pack24 is pack24 and step_kernels.unpack24 is unpack24
+
+
+def test_cuda_sources_include_no_torch_header():
+    """pack24.cu (and the csrc headers it pulls in) must build with nvcc alone (DESIGN.md section 2)."""
+    import pathlib
+    import re
+
+    csrc = pathlib.Path(__file__).resolve().parent.parent / "csrc"
+    seen, todo = set(), [p.name for p in csrc.glob("*.cu")]
+    assert "pack24.cu" in todo
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for include in re.findall(r'^#include [<"]([^>"]+)[>"]', (csrc / name).read_text(), re.M):
+            assert not re.match(r"(torch|ATen|c10|caffe2|pybind11|Python)", include), f"{name} includes {include}"
+            if (csrc / include).exists():
+                todo.append(include)
+    assert "pack24.h" in seen and "nm_select.h" in seen
