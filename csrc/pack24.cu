@@ -18,19 +18,16 @@ namespace step_kernels {
 namespace pack24 {
 namespace {
 
+// 16-byte / 8-byte views of a thread's dense chunk and packed values (registers, no local memory).
 template <class T>
-struct Chunk {
-  using raw = typename T::raw;
-  static constexpr int kElems = 16 / sizeof(raw);  // dense elements per thread
-  static constexpr int kGroups = kElems / 4;       // groups per thread: 2 or 4
-  union Dense {
-    uint4 vec;
-    raw e[kElems];
-  };
-  union Packed {
-    uint2 vec;
-    raw e[2 * kGroups];
-  };
+union DenseChunk {
+  uint4 vec;
+  typename T::raw e[Chunk<T>::kElems];
+};
+template <class T>
+union PackedChunk {
+  uint2 vec;
+  typename T::raw e[2 * Chunk<T>::kGroups];
 };
 
 template <class T>
@@ -41,17 +38,11 @@ pack24_kernel(const uint4* __restrict__ dense, int64_t rows, int64_t cols, bool 
   const int64_t chunk = static_cast<int64_t>(blockIdx.x) * kThreadsPerBlock + threadIdx.x;
   const int64_t chunks_per_row = cols / C::kElems;
   const int64_t row = chunk / chunks_per_row, col_chunk = chunk - row * chunks_per_row;
-  typename C::Dense in;
+  DenseChunk<T> in;
   in.vec = dense[chunk];
-  typename C::Packed out;
-  uint32_t nibbles = 0;
-  int bad_group = -1;
-#pragma unroll
-  for (int g = 0; g < C::kGroups; ++g) {
-    const uint32_t r = pack_group<T>(in.e + 4 * g, prune, out.e + 2 * g);
-    nibbles |= (r & 0xFu) << (4 * g);
-    if ((r & 0x10u) && bad_group < 0) bad_group = g;
-  }
+  PackedChunk<T> out;
+  int bad_group;
+  const uint32_t nibbles = pack_chunk<T>(in.e, prune, out.e, &bad_group);
   values[chunk] = out.vec;
   if (bad_group >= 0) {
     atomicMin(first_bad, static_cast<unsigned long long>(row * (cols / 4) + col_chunk * C::kGroups + bad_group));
@@ -75,16 +66,11 @@ unpack24_kernel(const uint2* __restrict__ values, const typename Meta<T>::word* 
   const int64_t row = chunk / chunks_per_row, col_chunk = chunk - row * chunks_per_row;
   const uint32_t word = static_cast<uword>(meta[meta_offset(row, col_chunk >> 1, rows, sizeof(uword) == 4)]);
   const uint32_t nibbles = word >> (4 * C::kGroups * (col_chunk & 1));
-  typename C::Packed in;
+  PackedChunk<T> in;
   in.vec = values[chunk];
-  typename C::Dense out;
-  int bad_group = -1;
-#pragma unroll
-  for (int g = 0; g < C::kGroups; ++g) {
-    const uint32_t nibble = (nibbles >> (4 * g)) & 0xFu;
-    if (!valid_nibble(nibble) && bad_group < 0) bad_group = g;
-    unpack_group<T>(nibble, in.e[2 * g], in.e[2 * g + 1], out.e + 4 * g);
-  }
+  DenseChunk<T> out;
+  int bad_group;
+  unpack_chunk<T>(nibbles, in.e, out.e, &bad_group);
   dense[chunk] = out.vec;
   if (bad_group >= 0) {
     atomicMin(first_bad, static_cast<unsigned long long>(row * (cols / 4) + col_chunk * C::kGroups + bad_group));

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "nm_select.h"
 
@@ -90,6 +91,46 @@ STEP_HD void unpack_group(uint32_t nibble, typename T::raw v0, typename T::raw v
   for (uint32_t i = 0; i < 4; ++i) out[i] = (i == i0) ? v0 : (i == i1) ? v1 : typename T::raw(0);
 }
 
+// The work of one CUDA thread: 16 bytes of one row, kGroups = 2 groups (fp16/bf16) or 4 (int8).
+// Two adjacent threads of a row fill one meta word: the even one's nibbles low, the odd one's high.
+template <class T>
+struct Chunk {
+  static constexpr int kElems = 16 / static_cast<int>(sizeof(typename T::raw));
+  static constexpr int kGroups = kElems / 4;
+};
+
+// Packs one chunk (x[0..kElems) -> out[0..2*kGroups)); returns its nibbles (4 bits per group) and
+// sets *bad_group to the first group with more than two nonzeros (else leaves it at -1).
+template <class T>
+STEP_HD uint32_t pack_chunk(const typename T::raw* x, bool prune, typename T::raw* out, int* bad_group) {
+  uint32_t nibbles = 0;
+  *bad_group = -1;
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int g = 0; g < Chunk<T>::kGroups; ++g) {
+    const uint32_t r = pack_group<T>(x + 4 * g, prune, out + 2 * g);
+    nibbles |= (r & 0xFu) << (4 * g);
+    if ((r & 0x10u) && *bad_group < 0) *bad_group = g;
+  }
+  return nibbles;
+}
+
+// Unpacks one chunk from its nibbles (v[0..2*kGroups) -> out[0..kElems)); sets *bad_group to the
+// first group whose nibble is not a 2:4 pattern (else -1).
+template <class T>
+STEP_HD void unpack_chunk(uint32_t nibbles, const typename T::raw* v, typename T::raw* out, int* bad_group) {
+  *bad_group = -1;
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int g = 0; g < Chunk<T>::kGroups; ++g) {
+    const uint32_t nibble = (nibbles >> (4 * g)) & 0xFu;
+    if (!valid_nibble(nibble) && *bad_group < 0) *bad_group = g;
+    unpack_group<T>(nibble, v[2 * g], v[2 * g + 1], out + 4 * g);
+  }
+}
+
 // Offset, in meta elements, of logical meta word E[r][c] of an m-row matrix in the reordered
 // buffer. int16 meta: rows permuted in blocks of G=32 with interweave W=4; int32 meta: G=16, W=2;
 // then each 2x2 block is transposed and the result stored ColumnMajorInterleaved<2>. Closed form
@@ -141,6 +182,38 @@ inline int64_t pack_row(const typename T::raw* x, int64_t k, bool prune, typenam
       w |= (r & 0xFu) << (4 * j);
     }
     words[c] = static_cast<word_t>(w);
+  }
+  return first_bad;
+}
+
+// Index of the first group of a row whose meta nibble is not a 2:4 pattern, or -1 (error path).
+template <class T>
+inline int64_t first_invalid_group(const typename Meta<T>::word* words, int64_t k) {
+  using uword = std::make_unsigned_t<typename Meta<T>::word>;
+  for (int64_t g = 0; g < k / 4; ++g) {
+    const uint32_t w = static_cast<uword>(words[g / Meta<T>::kGroups]);
+    if (!valid_nibble((w >> (4 * (g % Meta<T>::kGroups))) & 0xFu)) return g;
+  }
+  return -1;
+}
+
+// Unpacks one row from its values (vals[0..k/2)) and logical meta words into out[0..k) (the
+// portable CPU path, and the oracle of the SIMD one). Returns the index of the first group whose
+// nibble is not a 2:4 pattern, or -1.
+template <class T>
+inline int64_t unpack_row(const typename T::raw* vals, const typename Meta<T>::word* words, int64_t k,
+                          typename T::raw* out) {
+  using uword = std::make_unsigned_t<typename Meta<T>::word>;
+  int64_t first_bad = -1;
+  const int64_t ncols = k / (4 * Meta<T>::kGroups);
+  for (int64_t c = 0; c < ncols; ++c) {
+    const uint32_t w = static_cast<uword>(words[c]);
+    for (int j = 0; j < Meta<T>::kGroups; ++j) {
+      const int64_t g = c * Meta<T>::kGroups + j;
+      const uint32_t nibble = (w >> (4 * j)) & 0xFu;
+      if (!valid_nibble(nibble) && first_bad < 0) first_bad = g;
+      unpack_group<T>(nibble, vals[2 * g], vals[2 * g + 1], out + 4 * g);
+    }
   }
   return first_bad;
 }

@@ -28,6 +28,10 @@ struct Avx2Tables {
   uint16_t nib2[256];   // both reference nibbles (bits 0-7); bit 8: a group has > 2 nonzeros
   uint64_t ctl16[256];  // pshufb control: the 4 stored 16-bit values of 2 groups (8 bytes in)
   uint32_t ctl8[256];   // pshufb control: the 4 stored 8-bit values of 2 groups (8 bytes in)
+  // Indexed by two stored nibbles (low: first group), for unpacking:
+  uint64_t ictl16_lo[256], ictl16_hi[256];  // pshufb control: 8 dense 16-bit lanes from 4 values
+  uint64_t ictl8[256];                       // pshufb control: 8 dense bytes from 4 int8 values
+  uint8_t invalid[256];                      // 1 when either nibble is not a 2:4 pattern
 };
 
 inline const Avx2Tables& avx2_tables() {
@@ -47,6 +51,26 @@ inline const Avx2Tables& avx2_tables() {
       }
       t.ctl16[b] = c16;
       t.ctl8[b] = c8;
+      // Unpack: dense position p of group gi takes stored value 2*gi (p == i0), 2*gi+1 (p == i1),
+      // or zero (control byte 0x80).
+      uint8_t c16u[16], c8u[8];
+      for (int gi = 0; gi < 2; ++gi) {
+        const uint32_t nibble = gi == 0 ? (b & 0xF) : (b >> 4);
+        for (uint32_t p = 0; p < 4; ++p) {
+          const int lane = 4 * gi + static_cast<int>(p);
+          const int src = p == (nibble & 3) ? 2 * gi : p == (nibble >> 2) ? 2 * gi + 1 : -1;
+          c16u[2 * lane] = src < 0 ? 0x80 : static_cast<uint8_t>(2 * src);
+          c16u[2 * lane + 1] = src < 0 ? 0x80 : static_cast<uint8_t>(2 * src + 1);
+          c8u[lane] = src < 0 ? 0x80 : static_cast<uint8_t>(src);
+        }
+      }
+      t.ictl16_lo[b] = t.ictl16_hi[b] = t.ictl8[b] = 0;
+      for (int i = 0; i < 8; ++i) {
+        t.ictl16_lo[b] |= static_cast<uint64_t>(c16u[i]) << (8 * i);
+        t.ictl16_hi[b] |= static_cast<uint64_t>(c16u[8 + i]) << (8 * i);
+        t.ictl8[b] |= static_cast<uint64_t>(c8u[i]) << (8 * i);
+      }
+      t.invalid[b] = !valid_nibble(b & 0xF) || !valid_nibble(b >> 4);
     }
     return t;
   }();
@@ -128,6 +152,44 @@ __attribute__((target("avx2"))) inline int64_t pack_row_avx2_int8(const int8_t* 
     _mm_storel_epi64(reinterpret_cast<__m128i*>(vals + 8 * c), _mm_shuffle_epi8(v, _mm_cvtsi64_si128(static_cast<int64_t>(ctl))));
   }
   return (bad & 0x100u) ? first_overfull_group<Int8>(x, k) : -1;
+}
+
+// fp16/bf16 row unpack, one meta word (4 groups, 8 stored values -> 16 dense) per iteration.
+// Same contract as unpack_row (T only selects the 16-bit path).
+__attribute__((target("avx2"))) inline int64_t unpack_row_avx2_16(const uint16_t* vals, const int16_t* words,
+                                                                  int64_t k, uint16_t* out) {
+  const Avx2Tables& t = avx2_tables();
+  uint32_t invalid = 0;
+  for (int64_t c = 0; c < k / 16; ++c) {
+    const uint32_t w = static_cast<uint16_t>(words[c]);
+    const uint32_t b0 = w & 0xFF, b1 = w >> 8;
+    invalid |= t.invalid[b0] | t.invalid[b1];
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(vals + 8 * c));
+    const __m128i lo = _mm_shuffle_epi8(v, _mm_set_epi64x(static_cast<int64_t>(t.ictl16_hi[b0]), static_cast<int64_t>(t.ictl16_lo[b0])));
+    const __m128i hi = _mm_shuffle_epi8(_mm_srli_si128(v, 8), _mm_set_epi64x(static_cast<int64_t>(t.ictl16_hi[b1]), static_cast<int64_t>(t.ictl16_lo[b1])));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16 * c), lo);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16 * c + 8), hi);
+  }
+  return invalid ? first_invalid_group<Half>(words, k) : -1;
+}
+
+// int8 row unpack, one meta word (8 groups, 16 stored values -> 32 dense) per iteration.
+__attribute__((target("avx2"))) inline int64_t unpack_row_avx2_int8(const int8_t* vals, const int32_t* words,
+                                                                    int64_t k, int8_t* out) {
+  const Avx2Tables& t = avx2_tables();
+  const uint64_t next_pair = 0x0404040404040404ull;  // the second pair of groups reads 4 bytes on
+  uint32_t invalid = 0;
+  for (int64_t c = 0; c < k / 32; ++c) {
+    const uint32_t w = static_cast<uint32_t>(words[c]);
+    const uint32_t b0 = w & 0xFF, b1 = (w >> 8) & 0xFF, b2 = (w >> 16) & 0xFF, b3 = w >> 24;
+    invalid |= t.invalid[b0] | t.invalid[b1] | t.invalid[b2] | t.invalid[b3];
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(vals + 16 * c));
+    const __m128i lo = _mm_shuffle_epi8(v, _mm_set_epi64x(static_cast<int64_t>(t.ictl8[b1] + next_pair), static_cast<int64_t>(t.ictl8[b0])));
+    const __m128i hi = _mm_shuffle_epi8(_mm_srli_si128(v, 8), _mm_set_epi64x(static_cast<int64_t>(t.ictl8[b3] + next_pair), static_cast<int64_t>(t.ictl8[b2])));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 32 * c), lo);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 32 * c + 16), hi);
+  }
+  return invalid ? first_invalid_group<Int8>(words, k) : -1;
 }
 
 }  // namespace pack24

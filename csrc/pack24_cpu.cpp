@@ -3,8 +3,8 @@
 // pack24 reads each dense element once (2 B; int8: 1 B) and writes half of them plus 1/16 (int8:
 // 1/32) of the bytes as metadata; unpack24 is the inverse. Work is split over blocks of 32 rows
 // (int8: 16), the row block of the CUTLASS metadata reorder, so every thread writes whole runs of
-// the reordered metadata. Rows are packed by the AVX2 path when the CPU has it
-// (STEP_KERNELS_PACK24_SIMD=0 forces the portable group loop of pack24.h, which tests compare).
+// the reordered metadata. Rows are packed and unpacked by the AVX2 path when the CPU has it
+// (STEP_KERNELS_PACK24_SIMD=0 forces the portable group loops of pack24.h, which tests compare).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -52,6 +52,21 @@ int64_t pack_row_cpu(const typename T::raw* x, int64_t k, bool prune, typename T
   return pack_row<T>(x, k, prune, vals, words);
 }
 
+template <class T>
+int64_t unpack_row_cpu(const typename T::raw* vals, const typename Meta<T>::word* words, int64_t k,
+                       typename T::raw* out, bool simd) {
+#ifdef STEP_KERNELS_HAVE_AVX2_PATH
+  if (simd) {
+    if constexpr (std::is_same_v<T, Int8>) {
+      return unpack_row_avx2_int8(vals, words, k, out);
+    } else {
+      return unpack_row_avx2_16(vals, words, k, out);
+    }
+  }
+#endif
+  return unpack_row<T>(vals, words, k, out);
+}
+
 // Row blocks per parallel task: about 64K dense elements each.
 int64_t grain_blocks(int64_t rows_per_block, int64_t cols) {
   return std::max<int64_t>(1, 65536 / (rows_per_block * cols));
@@ -93,11 +108,11 @@ at::Tensor unpack24_cpu(const at::Tensor& values_in, const at::Tensor& meta_in) 
   const int64_t rows = values.size(0), cols = 2 * values.size(1);
   at::Tensor dense = at::empty({rows, cols}, values.options());
   std::atomic<int64_t> first_bad{INT64_MAX};
+  const bool simd = use_simd();
   dispatch_dtype(values.scalar_type(), "unpack24", "values", [&](auto t) {
     using T = decltype(t);
     using raw = typename T::raw;
     using word = typename Meta<T>::word;
-    using uword = std::make_unsigned_t<word>;
     const raw* vals = static_cast<const raw*>(values.data_ptr());
     const word* in = meta.data_ptr<word>();
     raw* out = static_cast<raw*>(dense.data_ptr());
@@ -105,18 +120,11 @@ at::Tensor unpack24_cpu(const at::Tensor& values_in, const at::Tensor& meta_in) 
     const int64_t meta_cols = cols / (4 * Meta<T>::kGroups);
     const bool int32_meta = std::is_same_v<T, Int8>;
     at::parallel_for(0, rows / block, grain_blocks(block, cols), [&](int64_t b0, int64_t b1) {
+      std::vector<word> words(meta_cols);
       for (int64_t r = b0 * block; r < b1 * block; ++r) {
-        const raw* v = vals + r * (cols / 2);
-        raw* d = out + r * cols;
-        for (int64_t c = 0; c < meta_cols; ++c) {
-          const uint32_t w = static_cast<uword>(in[meta_offset(r, c, rows, int32_meta)]);
-          for (int j = 0; j < Meta<T>::kGroups; ++j) {
-            const int64_t g = c * Meta<T>::kGroups + j;
-            const uint32_t nibble = (w >> (4 * j)) & 0xFu;
-            if (!valid_nibble(nibble)) record_min(first_bad, r * (cols / 4) + g);
-            unpack_group<T>(nibble, v[2 * g], v[2 * g + 1], d + 4 * g);
-          }
-        }
+        for (int64_t c = 0; c < meta_cols; ++c) words[c] = in[meta_offset(r, c, rows, int32_meta)];
+        const int64_t bad = unpack_row_cpu<T>(vals + r * (cols / 2), words.data(), cols, out + r * cols, simd);
+        if (bad >= 0) record_min(first_bad, r * (cols / 4) + bad);
       }
     });
     return 0;

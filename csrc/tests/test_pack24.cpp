@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../pack24.h"
@@ -162,6 +163,65 @@ static void test_unpack_inverts_pack() {
   }
 }
 
+// A random row-major 2:4 matrix (0, 1 or 2 nonzeros per group; zeros are +0).
+template <class T>
+static std::vector<typename T::raw> random_24(int64_t rows, int64_t cols) {
+  std::vector<typename T::raw> x(rows * cols, 0);
+  for (int64_t g = 0; g < rows * cols / 4; ++g) {
+    const int count = std::rand() % 3, first = std::rand() % 4, second = (first + 1 + std::rand() % 3) % 4;
+    for (int i = 0; i < 4; ++i) {
+      if ((count >= 1 && i == first) || (count == 2 && i == second)) {
+        x[4 * g + i] = static_cast<typename T::raw>(1 + std::rand() % 100);  // nonzero bits / value
+      }
+    }
+  }
+  return x;
+}
+
+// The CUDA kernels' thread mapping run on the host: thread `chunk` owns 16 bytes of row
+// chunk / chunks_per_row; even/odd neighbours of a row fill one meta word. Must give the same
+// buffers as the CPU path (pack_row + meta_offset), and unpack back to the input.
+template <class T>
+static void test_cuda_thread_mapping(int64_t rows, int64_t cols) {
+  using raw = typename T::raw;
+  using word = typename Meta<T>::word;
+  using uword = std::make_unsigned_t<word>;
+  constexpr int kElems = Chunk<T>::kElems, kGroups = Chunk<T>::kGroups;
+  const bool wide = sizeof(word) == 4;
+  const std::vector<raw> x = random_24<T>(rows, cols);
+  const int64_t meta_cols = cols / (4 * Meta<T>::kGroups), chunks_per_row = cols / kElems;
+  std::vector<raw> v_cpu(rows * cols / 2), v_gpu(rows * cols / 2), back(rows * cols);
+  std::vector<word> m_cpu(rows * meta_cols), m_gpu(rows * meta_cols), words(meta_cols);
+  for (int64_t r = 0; r < rows; ++r) {
+    CHECK_EQ(pack_row<T>(x.data() + r * cols, cols, false, v_cpu.data() + r * cols / 2, words.data()), -1);
+    for (int64_t c = 0; c < meta_cols; ++c) m_cpu[meta_offset(r, c, rows, wide)] = words[c];
+  }
+  std::vector<uint32_t> nibbles(rows * chunks_per_row);
+  for (int64_t chunk = 0; chunk < rows * chunks_per_row; ++chunk) {
+    int bad;
+    nibbles[chunk] = pack_chunk<T>(x.data() + chunk * kElems, false, v_gpu.data() + chunk * 2 * kGroups, &bad);
+    CHECK_EQ(bad, -1);
+  }
+  for (int64_t chunk = 0; chunk < rows * chunks_per_row; ++chunk) {
+    const int64_t row = chunk / chunks_per_row, col_chunk = chunk - row * chunks_per_row;
+    if ((col_chunk & 1) == 0) {
+      const uint32_t w = nibbles[chunk] | (nibbles[chunk ^ 1] << (4 * kGroups));  // __shfl_xor_sync(.., 1)
+      m_gpu[meta_offset(row, col_chunk >> 1, rows, wide)] = static_cast<word>(w);
+    }
+  }
+  for (size_t i = 0; i < v_cpu.size(); ++i) CHECK_EQ(v_gpu[i], v_cpu[i]);
+  for (size_t i = 0; i < m_cpu.size(); ++i) CHECK_EQ(m_gpu[i], m_cpu[i]);
+  for (int64_t chunk = 0; chunk < rows * chunks_per_row; ++chunk) {
+    const int64_t row = chunk / chunks_per_row, col_chunk = chunk - row * chunks_per_row;
+    const uint32_t w = static_cast<uword>(m_gpu[meta_offset(row, col_chunk >> 1, rows, wide)]);
+    int bad;
+    unpack_chunk<T>(w >> (4 * kGroups * (col_chunk & 1)), v_gpu.data() + chunk * 2 * kGroups,
+                    back.data() + chunk * kElems, &bad);
+    CHECK_EQ(bad, -1);
+  }
+  for (size_t i = 0; i < x.size(); ++i) CHECK_EQ(back[i], x[i]);
+}
+
 #ifdef STEP_KERNELS_HAVE_AVX2_PATH
 template <class T>
 static void test_avx2_rows16() {
@@ -197,6 +257,30 @@ static void test_avx2_rows_int8() {
     }
   }
 }
+template <class T, class Unpack>
+static void test_avx2_unpack(Unpack unpack_avx2) {
+  using raw = typename T::raw;
+  using word = typename Meta<T>::word;
+  const int64_t k = 512, ncols = k / (4 * Meta<T>::kGroups);
+  const std::vector<raw> x = random_24<T>(1, k);
+  std::vector<raw> vals(k / 2), d1(k), d2(k);
+  std::vector<word> words(ncols);
+  CHECK_EQ(pack_row<T>(x.data(), k, false, vals.data(), words.data()), -1);
+  CHECK_EQ(unpack_avx2(vals.data(), words.data(), k, d2.data()), -1);
+  CHECK_EQ(unpack_row<T>(vals.data(), words.data(), k, d1.data()), -1);
+  for (int64_t i = 0; i < k; ++i) CHECK_EQ(d2[i], x[i]);
+  for (int64_t i = 0; i < k; ++i) CHECK_EQ(d1[i], x[i]);
+  for (int trial = 0; trial < 50; ++trial) {  // one corrupt nibble: both report the same group
+    std::vector<word> bad = words;
+    const int64_t g = std::rand() % (k / 4);
+    const uint32_t shift = 4 * (g % Meta<T>::kGroups);
+    const uint32_t w = static_cast<std::make_unsigned_t<word>>(bad[g / Meta<T>::kGroups]);
+    const uint32_t invalid[10] = {0x0, 0x1, 0x2, 0x3, 0x5, 0x6, 0x7, 0xA, 0xB, 0xF};
+    bad[g / Meta<T>::kGroups] = static_cast<word>((w & ~(0xFu << shift)) | (invalid[trial % 10] << shift));
+    CHECK_EQ(unpack_avx2(vals.data(), bad.data(), k, d2.data()), g);
+    CHECK_EQ(unpack_row<T>(vals.data(), bad.data(), k, d1.data()), g);
+  }
+}
 #endif
 
 int main() {
@@ -208,11 +292,18 @@ int main() {
   test_prune_int8();
   test_known_words();
   test_unpack_inverts_pack();
+  test_cuda_thread_mapping<Half>(32, 64);
+  test_cuda_thread_mapping<BFloat16>(96, 192);
+  test_cuda_thread_mapping<Int8>(16, 128);
+  test_cuda_thread_mapping<Int8>(48, 384);
 #ifdef STEP_KERNELS_HAVE_AVX2_PATH
   if (cpu_has_avx2()) {
     test_avx2_rows16<Half>();
     test_avx2_rows16<BFloat16>();
     test_avx2_rows_int8();
+    test_avx2_unpack<Half>(unpack_row_avx2_16);
+    test_avx2_unpack<BFloat16>(unpack_row_avx2_16);
+    test_avx2_unpack<Int8>(unpack_row_avx2_int8);
   } else {
     std::printf("test_pack24: no AVX2 on this CPU, SIMD rows not tested\n");
   }
