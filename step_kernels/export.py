@@ -79,6 +79,8 @@ def _targets(model: nn.Module, targets: Optional[Sequence[Target]]) -> Sequence[
 def _pack_target(t: Target, prune: bool) -> Tuple[Tensor, Tensor]:
     """pack24 of a target's ``[out, in]`` matrix; errors name the target."""
     w = t.param.detach()
+    if isinstance(w, torch.sparse.SparseSemiStructuredTensor):
+        raise ValueError(f"{t.name}: the weight is packed already; export from the dense model")
     if w.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
             f"{t.name}: 2:4 packing needs float16, bfloat16 or int8 weights, got {w.dtype}; convert the "

@@ -120,6 +120,8 @@ def test_pack_model_swaps_targets_only():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     targets = find_targets(model)
     pack_model(model, targets)
+    with pytest.raises(ValueError, match=r"blocks\.0\.qkv\.weight: the weight is packed already"):
+        pack_model(model)
     for t in targets:
         weight = t.module.weight
         assert isinstance(weight, torch.sparse.SparseSemiStructuredTensorCUTLASS) and not weight.requires_grad

@@ -222,6 +222,9 @@ def test_unpack_mismatched_values_and_meta():
         unpack24(values.float(), meta)
     with pytest.raises(ValueError, match="multiple of 64"):
         unpack24(values[:, :16], meta[:, :2])
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="meta is on cpu but values are on cuda"):
+            unpack24(values.cuda(), meta)
 
 
 def test_unpack_rejects_corrupt_meta():
