@@ -2,7 +2,7 @@
 //
 // pack24_kernel fuses the top-2 selection (prune=true), the metadata nibble, the value gather and
 // the CUTLASS metadata reorder in one pass. Per dense element it reads 2 B (int8: 1 B) and writes
-// 1 B (int8: 0.5 B) of values plus 1/8 B (int8: 1/16 B) of metadata. Each thread owns 16 bytes of
+// 1 B (int8: 0.5 B) of values plus 1/8 B of metadata (4 bits per group of 4). Each thread owns 16 bytes of
 // one row (one 16-byte load): 2 groups for fp16/bf16, 4 for int8, and stores its 8 bytes of values
 // with one 8-byte store. The nibbles of a meta word come from two adjacent threads (same row),
 // combined with one warp shuffle; the even thread stores the word. 128 threads per block: the
