@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 from . import reference  # noqa: E402
 from .ops import BackendUnavailableError, nm_prune, resolve_backend  # noqa: E402
 from .optimizer import STEP, AutoSwitch  # noqa: E402
+from .packing import pack24, unpack24  # noqa: E402
 from .targets import sparse_param_groups  # noqa: E402
 
 __all__ = [
@@ -17,6 +18,8 @@ __all__ = [
     "AutoSwitch",
     "sparse_param_groups",
     "nm_prune",
+    "pack24",
+    "unpack24",
     "resolve_backend",
     "BackendUnavailableError",
     "reference",

@@ -22,7 +22,9 @@ def _load():
     """Import ``step_kernels._C`` (which registers its ops); return ``(module, error)``."""
     try:
         from . import _C  # noqa: F401  (torch is imported first: _C links against libtorch)
+        from .packing import register_fake_kernels
 
+        register_fake_kernels()  # the fake kernels of the pack24/unpack24 ops, for torch.compile
         return _C, None
     except ImportError as exc:
         return None, exc

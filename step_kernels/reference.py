@@ -147,7 +147,7 @@ def nm_mask(w: Tensor, n: int, m: int, dim: int = -1, name: str = "weight") -> T
     """
     dim = _check_group_dim(w, m, dim, name)
     moved = w.movedim(dim, -1)
-    key = moved.abs()
+    key = moved.abs() if moved.is_floating_point() else moved.double().abs()  # int8: |-128| overflows
     key = torch.where(torch.isnan(key), torch.full_like(key, math.inf), key)
     groups = key.reshape(*key.shape[:-1], key.shape[-1] // m, m)
     kj = groups.unsqueeze(-2)  # [..., 1, M]: the challengers j
