@@ -43,8 +43,10 @@ class Target:
 
 
 def _is_conv1d(module: nn.Module) -> bool:
-    # transformers' Conv1D without importing transformers: matched by class name and layout.
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+    # transformers' Conv1D without importing transformers: matched by class name and layout. The
+    # whole MRO is searched: FSDP2's fully_shard swaps the class for a subclass "FSDPConv1D".
+    return (any(cls.__name__ == "Conv1D" for cls in type(module).__mro__)
+            and hasattr(module, "nf") and hasattr(module, "weight"))
 
 
 def _group_dim(module: nn.Module) -> Optional[int]:
