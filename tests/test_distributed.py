@@ -1,7 +1,7 @@
 """step_kernels.distributed: DDP, FSDP2 and DCP checkpoints, in real 2-process gloo jobs on CPU.
 
-The multi-process runs (tests/dist/worker.py) are compared with a single-process run of the same
-global batch (tests/dist/common.py). The global batch is split into the same two micro-batches in
+The multi-process runs (tests/multiproc/worker.py) are compared with a single-process run of the same
+global batch (tests/multiproc/common.py). The global batch is split into the same two micro-batches in
 both, and for two ranks the gradient reduction (sum of two, halved) is exact in fp32, so grads are
 bit-identical and every weight, state tensor and mask must match exactly; the AutoSwitch sums
 (float64, summed per shard then over ranks) may differ in the last bits only.
@@ -22,7 +22,7 @@ import step_kernels as sk
 from step_kernels.distributed import DistributedSTEP, check_group_layout, prepare_optimizer_for_load, shard_ranges
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "dist"))
+sys.path.insert(0, os.path.join(HERE, "multiproc"))
 import common  # noqa: E402
 
 LAUNCH_TIMEOUT_S = 240  # a hang fails the test instead of blocking CI
@@ -58,7 +58,7 @@ def single():
 def fsdp_dir(tmp_path_factory):
     """One FSDP2 job (fixed switch and AutoSwitch), which also saves DCP checkpoints at step 20."""
     out = tmp_path_factory.mktemp("fsdp")
-    launch(os.path.join(HERE, "dist", "worker.py"), "fsdp", out)
+    launch(os.path.join(HERE, "multiproc", "worker.py"), "fsdp", out)
     return out
 
 
@@ -202,7 +202,7 @@ def test_prepare_for_load_leaves_a_phase1_checkpoint_alone(tmp_path):
 
 
 def test_ddp_matches_single_process(single, tmp_path):
-    launch(os.path.join(HERE, "dist", "worker.py"), "ddp", tmp_path)
+    launch(os.path.join(HERE, "multiproc", "worker.py"), "ddp", tmp_path)
     for rank, res in enumerate(results(tmp_path, "ddp")):
         for kind in ("fixed", "auto"):
             assert_same_run(res[kind], single[kind], f"DDP rank {rank} {kind}")
@@ -220,7 +220,7 @@ def test_fsdp2_matches_single_process(single, fsdp_dir):
 
 
 def test_fsdp2_dcp_checkpoint_mid_phase2_resumes_identically(single, fsdp_dir):
-    launch(os.path.join(HERE, "dist", "worker.py"), "fsdp_resume", fsdp_dir)
+    launch(os.path.join(HERE, "multiproc", "worker.py"), "fsdp_resume", fsdp_dir)
     saved = results(fsdp_dir, "fsdp")
     for rank, res in enumerate(results(fsdp_dir, "fsdp_resume")):
         for kind in ("fixed", "auto"):
@@ -233,7 +233,7 @@ def test_fsdp2_dcp_checkpoint_mid_phase2_resumes_identically(single, fsdp_dir):
 
 
 def test_bad_configurations_fail_on_every_rank(tmp_path):
-    launch(os.path.join(HERE, "dist", "worker.py"), "bad", tmp_path)
+    launch(os.path.join(HERE, "multiproc", "worker.py"), "bad", tmp_path)
     ranks = results(tmp_path, "bad")
     expected = {
         "conv1d_split_rows": r"proj\.weight: its layout \(Shard\(dim=0\),\) .* splits its N:M groups: rank 0 holds 10 "
