@@ -23,6 +23,7 @@ $(DEPS_STAMP): $(PY) Makefile
 	$(PY) -c "import triton" 2>/dev/null || $(PIP) install "triton>=3.6,<4"
 	$(PY) -c "import numpy, pytest, ninja, matplotlib, setuptools, wheel" 2>/dev/null || \
 		$(PIP) install numpy pytest ninja matplotlib "setuptools>=64" wheel
+	$(PIP) show megatron-core >/dev/null 2>&1 || $(PIP) install --no-deps "megatron-core==0.16.1" "packaging>=24.2"
 	touch $@
 
 build: $(BUILD_STAMP)
