@@ -51,7 +51,7 @@ def results(out_dir, mode, nproc=2):
 
 @pytest.fixture(scope="module")
 def single():
-    return {kind: common.single_process_run(kind) for kind in ("fixed", "auto")}
+    return {kind: common.single_process_run(kind) for kind in common.KINDS}
 
 
 @pytest.fixture(scope="module")
@@ -210,22 +210,28 @@ def test_ddp_matches_single_process(single, tmp_path):
 
 
 def test_fsdp2_matches_single_process(single, fsdp_dir):
+    shard = "(Shard(dim=0),)"
     for rank, res in enumerate(results(fsdp_dir, "fsdp")):
-        for kind in ("fixed", "auto"):
+        for kind in common.KINDS:
             assert_same_run(res[kind], single[kind], f"FSDP2 rank {rank} {kind}")
             # state tensors are DTensors with the parameter's placement
-            assert res[kind + "_state_placements"] == {"exp_avg": "(Shard(dim=0),)", "exp_avg_sq": "(Shard(dim=0),)"}
-            assert res[kind + "_final_placements"] == {"exp_avg": "(Shard(dim=0),)", "precond": "(Shard(dim=0),)",
-                                                       "master": "(Shard(dim=0),)"}
+            if kind == "srste_bf16":  # fp32 masters from the start, live v throughout
+                assert res[kind + "_state_placements"] == res[kind + "_final_placements"] == {
+                    "exp_avg": shard, "exp_avg_sq": shard, "master": shard}
+            else:
+                assert res[kind + "_state_placements"] == {"exp_avg": shard, "exp_avg_sq": shard}
+                assert res[kind + "_final_placements"] == {"exp_avg": shard, "precond": shard, "master": shard}
+    assert single["srste_bf16"]["params"]["fc1.weight"].dtype == torch.bfloat16
 
 
 def test_fsdp2_dcp_checkpoint_mid_phase2_resumes_identically(single, fsdp_dir):
     launch(os.path.join(HERE, "multiproc", "worker.py"), "fsdp_resume", fsdp_dir)
     saved = results(fsdp_dir, "fsdp")
     for rank, res in enumerate(results(fsdp_dir, "fsdp_resume")):
-        for kind in ("fixed", "auto"):
+        for kind in common.KINDS:
             # DCP's zero-grad initialisation step did not run: no step, phase or Z change
-            assert res[kind + "_after_init"] == ((0, "dense", []), (0, "dense", [])), kind
+            phase = "sparse" if kind == "srste_bf16" else "dense"
+            assert res[kind + "_after_init"] == ((0, phase, []), (0, phase, [])), kind
             assert_same_run(res[kind + "_loaded"], saved[rank][kind + "_at_checkpoint"], f"loaded rank {rank} {kind}",
                             flips=False)
             assert res[kind + "_loaded"]["phase"] == "sparse"

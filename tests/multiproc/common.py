@@ -47,9 +47,14 @@ class Net(nn.Module):
         return self.head(torch.tanh(self.fc2(h)))
 
 
-def build_model(seed=0):
+# Run kinds: "fixed" and "auto" (recipe "step", fp32); "srste_bf16" (recipe "srste", a bf16 model
+# with fp32 masters, masked from the first step).
+KINDS = ("fixed", "auto", "srste_bf16")
+
+
+def build_model(kind="fixed", seed=0):
     torch.manual_seed(seed)
-    return Net()
+    return Net().to(torch.bfloat16 if kind == "srste_bf16" else torch.float32)
 
 
 def global_batch(step):
@@ -67,7 +72,8 @@ def micro_batch(step, rank, world):
 
 
 def loss_fn(model, x, y):
-    return torch.nn.functional.mse_loss(model(x), y)
+    dtype = next(model.parameters()).dtype
+    return torch.nn.functional.mse_loss(model(x.to(dtype)).float(), y)
 
 
 def switch_arg(kind):
@@ -86,12 +92,14 @@ AUTO_THRESHOLD = 9.8e-6
 def make_optimizer(model, kind, cls=None, **kwargs):
     cls = cls or sk.STEP
     groups = sk.sparse_param_groups(model, "2:4", weight_decay=0.01)
+    if kind == "srste_bf16":
+        return cls(groups, lr=1e-2, betas=BETAS, recipe="srste", backend="reference", **kwargs)
     return cls(groups, lr=1e-2, betas=BETAS, switch=switch_arg(kind), backend="reference", **kwargs)
 
 
 def single_process_run(kind, world=2, steps=STEPS):
     """The reference: one process, the same global batch as ``world`` micro-batches."""
-    model = build_model()
+    model = build_model(kind)
     opt = make_optimizer(model, kind)
     for step in range(steps):
         opt.zero_grad(set_to_none=True)

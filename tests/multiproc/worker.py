@@ -51,8 +51,8 @@ def run_ddp(rank, world, out):
     return results
 
 
-def fsdp_model(mesh):
-    model = common.build_model()
+def fsdp_model(mesh, kind="fixed"):
+    model = common.build_model(kind)
     for module in (model.fc1, model.proj, model.fc2, model.head):
         fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -62,8 +62,8 @@ def fsdp_model(mesh):
 def run_fsdp(rank, world, out):
     mesh = init_device_mesh("cpu", (world,))
     results = {}
-    for kind in ("fixed", "auto"):
-        model = fsdp_model(mesh)
+    for kind in common.KINDS:
+        model = fsdp_model(mesh, kind)
         opt = common.make_optimizer(model, kind, cls=DistributedSTEP)
         state = opt.state[model.proj.weight]
         results[kind + "_state_placements"] = {k: str(v.placements) for k, v in state.items()}
@@ -84,8 +84,8 @@ def run_fsdp(rank, world, out):
 def run_fsdp_resume(rank, world, out):
     mesh = init_device_mesh("cpu", (world,))
     results = {}
-    for kind in ("fixed", "auto"):
-        model = fsdp_model(mesh)
+    for kind in common.KINDS:
+        model = fsdp_model(mesh, kind)
         opt = common.make_optimizer(model, kind, cls=DistributedSTEP)
         before = (opt.step_count, opt.phase, list(opt.stats()["z_history"]))
         _init_optim_state(opt)  # what DCP runs first: must not take a step
