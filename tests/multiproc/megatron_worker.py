@@ -203,7 +203,7 @@ def main():
         parallel_state.destroy_model_parallel()
     torch.save(results, os.path.join(out, f"megatron-rank{dist.get_rank()}.pt"))
     dist.barrier()
-    dist.destroy_process_group()
+    common.exit_now()
 
 
 if __name__ == "__main__":

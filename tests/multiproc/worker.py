@@ -162,7 +162,7 @@ def main():
     results = {"ddp": run_ddp, "fsdp": run_fsdp, "fsdp_resume": run_fsdp_resume, "bad": run_bad}[mode](rank, world, out)
     torch.save(results, os.path.join(out, f"{mode}-rank{rank}.pt"))
     dist.barrier()
-    dist.destroy_process_group()
+    common.exit_now()
 
 
 if __name__ == "__main__":
