@@ -90,6 +90,17 @@ def check_group_layout(name: str, global_size: int, dim: int, m: int, ranges: It
             )
 
 
+def _same_type(error: Optional[BaseException], message: str) -> Exception:
+    """An exception carrying ``message``: of ``error``'s type where it takes a message (so a
+    ``BackendUnavailableError`` stays one), else a ``ValueError``."""
+    if error is not None:
+        try:
+            return type(error)(message)
+        except Exception:  # an exception type with another constructor
+            pass
+    return ValueError(message)
+
+
 def _group_dim(group: Dict[str, Any]) -> int:
     dim = group.get("nm_dim")
     return 1 if dim is None else dim % 2
@@ -111,10 +122,11 @@ class DistributedSTEP(STEP):
 
     Construction is collective over ``process_group`` and ``replica_group``: all ranks must
     build the optimizer together. Any configuration error (a layout that splits N:M groups,
-    mismatched sparsity across ranks, a bad hyper-parameter on one rank) is raised as a
-    ``ValueError`` on every rank, naming the rank and the parameter, instead of leaving the
-    other ranks waiting in a collective. Every later ``step()`` must also be called on every
-    rank. ``add_param_group`` after construction is collective too.
+    mismatched sparsity across ranks, a bad hyper-parameter on one rank) is raised on every
+    rank, naming the rank and the parameter, instead of leaving the other ranks waiting in a
+    collective: as a ``ValueError``, or with the failing rank's own exception type there.
+    Every later ``step()`` must also be called on every rank. ``add_param_group`` after
+    construction is collective too.
     """
 
     def __init__(self, params, *args, process_group: GroupArg = None, replica_group: GroupArg = None, **kwargs):
@@ -132,7 +144,7 @@ class DistributedSTEP(STEP):
         try:
             self._check_layouts(groups, kwargs.get("recipe", "step"))
             super().__init__(groups, *args, **kwargs)
-        except (ValueError, TypeError, RuntimeError) as exc:
+        except Exception as exc:  # any error: the other ranks must hear of it, not wait for us
             error = exc
         self._agree(error, self._fingerprint(groups, args, kwargs))
         self._agreeing = False
@@ -211,8 +223,8 @@ class DistributedSTEP(STEP):
                 count = sum(len(ranks) for ranks in failures.values())
                 detail = "; ".join(f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {msg}"
                                    for msg, ranks in failures.items())
-                raise ValueError(f"DistributedSTEP: configuration failed on {count} of {size} ranks: "
-                                 f"{detail}") from error
+                raise _same_type(error, f"DistributedSTEP: configuration failed on {count} of {size} ranks: "
+                                        f"{detail}") from error
             first_rank, _, first = gathered[0]
             for rank, _, other in gathered[1:]:
                 for (where, mine), (_, theirs) in zip(first, other):
@@ -236,7 +248,7 @@ class DistributedSTEP(STEP):
         try:
             self._check_layouts([group], self.recipe)
             super().add_param_group(group)
-        except (ValueError, TypeError, RuntimeError) as exc:
+        except Exception as exc:  # any error: the other ranks must hear of it, not wait for us
             error = exc
         self._agree(error, self._fingerprint([group], (), {}))
 

@@ -153,6 +153,17 @@ def test_local_config_errors_still_raise_without_groups():
         DistributedSTEP(groups)
 
 
+def test_add_param_group_after_construction():
+    model = common.build_model()
+    groups = sk.sparse_param_groups(model)
+    opt = DistributedSTEP(groups[:1], lr=1e-2, backend="reference")
+    opt.add_param_group(groups[1])
+    assert len(opt.param_groups) == 2 and "exp_avg" in opt.state[groups[1]["params"][0]]
+    with pytest.raises(ValueError, match="lr must be"):
+        opt.add_param_group(dict(groups[2], lr=-1.0))
+    assert len(opt.param_groups) == 2
+
+
 @pytest.mark.parametrize("kind", ["fixed", "auto"])
 def test_dcp_round_trip_in_one_process_resumes_identically(kind, tmp_path):
     """DCP save mid phase 2, load into a fresh optimizer (phase-1 layout), continue: identical."""
@@ -222,6 +233,12 @@ def test_fsdp2_matches_single_process(single, fsdp_dir):
                 assert res[kind + "_state_placements"] == {"exp_avg": shard, "exp_avg_sq": shard}
                 assert res[kind + "_final_placements"] == {"exp_avg": shard, "precond": shard, "master": shard}
     assert single["srste_bf16"]["params"]["fc1.weight"].dtype == torch.bfloat16
+
+
+def test_hsdp_2d_mesh_reduces_over_the_shard_dim_only(single, fsdp_dir):
+    for rank, res in enumerate(results(fsdp_dir, "fsdp")):
+        assert res["hsdp_groups"] == (1, 2)  # sums over the shard dim; agreement over both dims
+        assert_same_run(res["auto_hsdp"], single["auto"], f"HSDP rank {rank}")
 
 
 def test_fsdp2_dcp_checkpoint_mid_phase2_resumes_identically(single, fsdp_dir):

@@ -51,6 +51,17 @@ def run_ddp(rank, world, out):
     return results
 
 
+def run_hsdp(rank, world, results):
+    """HSDP layout: a 2-D mesh (replicate 1, shard world). Statistics are summed over the shard
+    dim only; the replicate dim is checked for agreement."""
+    mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard"))
+    model = fsdp_model(mesh, "auto")
+    opt = common.make_optimizer(model, "auto", cls=DistributedSTEP)
+    results["hsdp_groups"] = (len(opt._reduce_groups), len(opt._check_groups))
+    train(model, opt, rank, world, 0, common.STEPS)
+    results["auto_hsdp"] = common.summary(model, opt, full)
+
+
 def fsdp_model(mesh, kind="fixed"):
     model = common.build_model(kind)
     for module in (model.fc1, model.proj, model.fc2, model.head):
@@ -78,6 +89,7 @@ def run_fsdp(rank, world, out):
         results[kind] = common.summary(model, opt, full)
         state = opt.state[model.proj.weight]
         results[kind + "_final_placements"] = {k: str(v.placements) for k, v in state.items()}
+    run_hsdp(rank, world, results)
     return results
 
 
