@@ -36,8 +36,10 @@ from .distributed import DistributedSTEP
 from .reference import parse_sparsity
 from .targets import DEFAULT_EXCLUDE_NAMES, PARALLEL_LINEAR_TYPES, find_targets, sparse_param_groups
 
-__all__ = ["MegatronSTEP", "get_step_optimizer", "megatron_param_groups", "check_tensor_parallel",
-           "check_shard_alignment", "PARALLEL_LINEAR_TYPES", "MEGATRON_EXCLUDE"]
+# MegatronSTEP (built on first access, as it subclasses Megatron's MegatronOptimizer) is left out
+# of __all__ so that a star import never needs megatron-core.
+__all__ = ["get_step_optimizer", "megatron_param_groups", "check_tensor_parallel", "check_shard_alignment",
+           "PARALLEL_LINEAR_TYPES", "MEGATRON_EXCLUDE"]
 
 # Megatron's output layer is a ColumnParallelLinear named "output_layer": excluded like lm_head.
 MEGATRON_EXCLUDE = [DEFAULT_EXCLUDE_NAMES, r"(^|\.)output_layer$"]
