@@ -27,6 +27,8 @@ $(DEPS_STAMP): $(PY) Makefile
 		$(PIP) install numpy pytest pytest-benchmark ninja matplotlib "setuptools>=64" wheel
 	$(PY) -c "import transformers, sklearn" 2>/dev/null || $(PIP) install $(OPTIONAL_DEPS) || \
 		echo "note: optional packages ($(OPTIONAL_DEPS)) not installed; their tests are skipped"
+	$(PIP) show megatron-core >/dev/null 2>&1 || $(PIP) install --no-deps "megatron-core==0.16.1" "packaging>=24.2" || \
+		echo "note: megatron-core not installed; its tests are skipped"
 	touch $@
 
 build: $(BUILD_STAMP)

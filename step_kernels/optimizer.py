@@ -307,8 +307,8 @@ class STEP(torch.optim.Optimizer):
         switch), ``kernel_launches`` (in the last step), plus ``phase``, ``step``, ``switch_step``
         and ``backend``."""
         flip_rate = None
-        if self._last_flips is not None and self._last_masked_numel:
-            flip_rate = float(self._last_flips.item()) / self._last_masked_numel
+        if self._last_flips is not None and float(self._last_masked_numel):
+            flip_rate = float(self._last_flips.item()) / float(self._last_masked_numel)
         zeros = total = 0
         with torch.no_grad():
             for _, p, _ in self._targets():
@@ -376,7 +376,9 @@ class STEP(torch.optim.Optimizer):
         return buckets
 
     def _reduce_stats(self, totals: Tensor) -> Tensor:
-        """Sum the AutoSwitch statistics and flips over ranks (identity on one process)."""
+        """Sum a float64 vector of per-rank statistics over the ranks that hold different parts
+        of the parameters (identity on one process; :class:`step_kernels.distributed.DistributedSTEP`
+        sums over the shard group). Called at the same point of every step on every rank."""
         return totals
 
     @torch.no_grad()
@@ -412,13 +414,20 @@ class STEP(torch.optim.Optimizer):
                 stats_numel += b.numel
             if masked:
                 masked_numel += b.numel
+        # [sum |dv|, sum v, flips, numel of the statistics, numel masked], summed over ranks when the
+        # statistics are used; the condition depends only on global state, so every rank agrees.
+        phase = self._globals["phase"]
+        autoswitch = self.recipe == "step" and phase == "dense" and isinstance(self.switch, AutoSwitch)
+        totals = torch.cat([totals, totals.new_tensor([stats_numel, masked_numel])])
+        if autoswitch or self.recipe == "srste" or phase == "sparse":
+            totals = self._reduce_stats(totals)
         self._set_global("step", t)
         self._last_launches = launches
         self._last_flips = totals[2]
-        self._last_masked_numel = masked_numel
-        if self.recipe == "step" and self._globals["phase"] == "dense":
-            if isinstance(self.switch, AutoSwitch):
-                self._autoswitch(t, self._reduce_stats(totals), stats_numel)
+        self._last_masked_numel = totals[4]
+        if self.recipe == "step" and phase == "dense":
+            if autoswitch:
+                self._autoswitch(t, totals, int(totals[3].item()))
             elif t >= self.switch:
                 self._do_switch(t)
         return loss
@@ -437,7 +446,9 @@ class STEP(torch.optim.Optimizer):
     def _do_switch(self, t: int) -> None:
         """End of step t: freeze v into the preconditioner, keep masters, mask the model."""
         floor = 0
+        device = torch.device("cpu")
         for _, p, group in self._targets():
+            device = _local(p).device
             state = self.state[p]
             v = state.pop("exp_avg_sq")
             beta2 = group["betas"][1]
@@ -448,6 +459,7 @@ class STEP(torch.optim.Optimizer):
             if "master" not in state:
                 state["master"] = p.detach().to(torch.float32, copy=True)
             self._write_masked(p, state["master"], group)
+        floor = int(self._reduce_stats(torch.tensor([floor], dtype=torch.float64, device=device)).item())
         self._set_global("phase", "sparse")
         self._set_global("switch_step", t)
         self._set_global("precond_floor_count", floor)

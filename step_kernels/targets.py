@@ -1,6 +1,7 @@
 """Which weights get N:M masks, and the param groups the optimizer takes (DESIGN.md section 3).
 
-Targets are the 2-D weights of ``nn.Linear`` (stored ``[out, in]``: groups along dim 1) and of
+Targets are the 2-D weights of ``nn.Linear`` and of Megatron-Core's parallel linears (stored
+``[out, in]``: groups along dim 1) and of
 ``transformers``' ``Conv1D`` (stored ``[in, out]``: groups along dim 0). By default these are
 excluded: input and output embeddings, any weight tied to an embedding, modules whose name matches
 ``(^|\\.)(lm_head|head|classifier|score)$``, and everything that is not such a weight (norms,
@@ -43,15 +44,23 @@ class Target:
 
 
 def _is_conv1d(module: nn.Module) -> bool:
-    # transformers' Conv1D without importing transformers: matched by class name and layout.
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+    # transformers' Conv1D without importing transformers: matched by class name and layout. The
+    # whole MRO is searched: FSDP2's fully_shard swaps the class for a subclass "FSDPConv1D".
+    return (any(cls.__name__ == "Conv1D" for cls in type(module).__mro__)
+            and hasattr(module, "nf") and hasattr(module, "weight"))
+
+
+# Megatron-Core's tensor-parallel linears (and Transformer Engine's): weight [out, in] like
+# nn.Linear, matched by class name so neither package is imported.
+PARALLEL_LINEAR_TYPES = ("ColumnParallelLinear", "RowParallelLinear", "TEColumnParallelLinear",
+                         "TERowParallelLinear", "TELayerNormColumnParallelLinear")
 
 
 def _group_dim(module: nn.Module) -> Optional[int]:
     weight = getattr(module, "weight", None)
     if not isinstance(weight, nn.Parameter) or weight.dim() != 2:
         return None
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or any(cls.__name__ in PARALLEL_LINEAR_TYPES for cls in type(module).__mro__):
         return 1
     if _is_conv1d(module):
         return 0

@@ -1,0 +1,210 @@
+"""Multi-process worker of tests/test_megatron.py: a small model of Megatron-Core's parallel layers
+trained with STEP through Megatron's optimizer interface, on CPU with gloo. Launched as
+``python -m torch.distributed.run --standalone --nproc-per-node 2 tests/multiproc/megatron_worker.py OUT``.
+
+Rank r writes ``OUT/megatron-rank<r>.pt``: per run ``tp<TP>-<dtype>`` the full (TP-gathered)
+masters and parameters, so the TP=2 runs can be compared with the TP=1 runs, and under
+``tp2-bad`` the errors of configurations that must fail on every rank. With the extra argument
+``gpu`` (one process, CUDA) it runs Megatron's CUDA-only pieces instead (:func:`run_gpu`).
+"""
+
+import datetime
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.optimizer import OptimizerConfig
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+import step_kernels as sk
+from step_kernels.megatron import get_step_optimizer
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Read off a TP=1 fp32 run: the 10-step window mean of Z is 1.93e-5 at step 13 and 1.74e-5 at
+# step 14, so AutoSwitch switches at 14 with margins of 3-7%.
+AUTO_THRESHOLD = 1.8e-5
+
+
+def init_method(weight):
+    return torch.nn.init.normal_(weight, std=0.2)
+
+
+class MegatronNet(torch.nn.Module):
+    """ColumnParallelLinear -> RowParallelLinear -> head (nn.Linear, dense)."""
+
+    def __init__(self, config, width=16, hidden=32, row_in=None):
+        super().__init__()
+        self.fc1 = ColumnParallelLinear(width, hidden, config=config, init_method=init_method, bias=True,
+                                        gather_output=False)
+        self.fc2 = RowParallelLinear(row_in or hidden, width, config=config, init_method=init_method, bias=True,
+                                     input_is_parallel=True, skip_bias_add=False)
+        # A dense head copied on every TP rank (excluded from N:M by its name), since a gathered
+        # ColumnParallelLinear output allocates on CUDA.
+        self.head = torch.nn.Linear(width, 4).to(config.params_dtype)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x)[0])
+        h = torch.tanh(self.fc2(h)[0])
+        return self.head(h)
+
+
+def gather(t, dim, group):
+    """The full tensor of a tensor-parallel parameter split along ``dim``."""
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def full_summary(model, opt, group):
+    """Masters and parameters gathered over the TP group, plus STEP's globals."""
+    masters, params = {}, {}
+    inner = opt.optimizer
+    for name, p in model.named_parameters():
+        master = inner.state[p].get("master", p)
+        split = getattr(p, "partition_dim", -1) if getattr(p, "tensor_model_parallel", False) else -1
+        masters[name] = gather(master, split, group).float() if split >= 0 else master.detach().float().clone()
+        params[name] = gather(p.detach(), split, group) if split >= 0 else p.detach().clone()
+    stats = opt.stats()
+    # The model parameters are exactly mask(master) (targets) or the master (others), rounded to
+    # the model dtype: STEP's write replaces Megatron's main-to-model copy.
+    written = []
+    for group in inner.param_groups:
+        for p in group["params"]:
+            master = inner.state[p].get("master", p).detach()
+            if group["sparsity"] is not None and opt.phase == "sparse":
+                master = sk.reference.nm_prune(master, 2, 4, 1)[0]
+            written.append(torch.equal(p.detach(), master.to(p.dtype)))
+    return {"written_from_masters": all(written), "masters": masters, "params": params, "switch_step": opt.switch_step, "step": stats["step"],
+            "phase": opt.phase, "z_history": stats["z_history"], "flip_rate": stats["flip_rate"],
+            "precond_floor_count": stats["precond_floor_count"]}
+
+
+def run_train(tp, dtype_name, out):
+    dtype = DTYPES[dtype_name]
+    config = ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True,
+                                 gradient_accumulation_fusion=False, params_dtype=dtype,
+                                 bf16=dtype == torch.bfloat16)
+    results = {}
+    for kind in ("fixed", "auto"):
+        torch.manual_seed(0)
+        model = MegatronNet(config)
+        opt_config = OptimizerConfig(optimizer="adam", lr=1e-2, adam_beta1=common.BETAS[0], adam_beta2=common.BETAS[1],
+                                     weight_decay=0.01, clip_grad=0.0, bf16=dtype == torch.bfloat16,
+                                     params_dtype=dtype)
+        switch = common.SWITCH if kind == "fixed" else sk.AutoSwitch(threshold=AUTO_THRESHOLD)
+        opt = get_step_optimizer(opt_config, [model], "2:4", switch=switch, backend="reference")
+        for step in range(common.STEPS):
+            opt.zero_grad()
+            x, y = common.global_batch(step)
+            torch.nn.functional.mse_loss(model(x.to(dtype)).float(), y).backward()
+            success, grad_norm, _ = opt.step()
+            assert success
+        results[kind] = full_summary(model, opt, parallel_state.get_tensor_model_parallel_group())
+        results[kind + "_targets"] = [n for g in opt.param_groups if g["sparsity"] for n in g["param_names"]]
+        state = opt.state_dict()
+        results[kind + "_state_keys"] = sorted(state["optimizer"]["state"][0].keys())
+    return results
+
+
+def run_bad(tp, out):
+    config = ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True,
+                                 gradient_accumulation_fusion=False)
+    opt_config = OptimizerConfig(optimizer="adam", lr=1e-2, clip_grad=0.0)
+    rank = dist.get_rank()
+    results = {}
+
+    def row_parallel_split():  # 24 inputs over 2 ranks: 12 per rank, not divisible by M=8
+        torch.manual_seed(0)
+        get_step_optimizer(opt_config, [MegatronNet(config, hidden=24)], "2:8", backend="reference")
+
+    def mismatched_nm():
+        torch.manual_seed(0)
+        get_step_optimizer(opt_config, [MegatronNet(config)], "2:4" if rank == 0 else "2:8", backend="reference")
+
+    def replicated_target():
+        torch.manual_seed(0)
+        model = MegatronNet(config)
+        model.extra = torch.nn.Linear(16, 16)  # copied on both TP ranks
+        get_step_optimizer(opt_config, [model], "2:4", backend="reference")
+
+    def distributed_optimizer():
+        torch.manual_seed(0)
+        get_step_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, use_distributed_optimizer=True),
+                           [MegatronNet(config)], "2:4", backend="reference")
+
+    for name, build in (("row_parallel_split", row_parallel_split), ("mismatched_nm", mismatched_nm),
+                        ("replicated_target", replicated_target), ("distributed_optimizer", distributed_optimizer)):
+        try:
+            build()
+            results[name] = None
+        except (ValueError, NotImplementedError) as exc:
+            results[name] = f"{type(exc).__name__}: {exc}"
+        dist.barrier()  # every rank got here: nobody hangs in a collective
+    return results
+
+
+def run_gpu():
+    """One GPU: Megatron's DistributedDataParallel (grads in main_grad), a constant loss scale and
+    grad clipping, against the same run without DDP (grads in .grad). Needs CUDA."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer import TransformerConfig
+
+    config = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=1, use_cpu_initialization=True,
+                               gradient_accumulation_fusion=False, params_dtype=torch.bfloat16, bf16=True)
+    opt_config = OptimizerConfig(optimizer="adam", lr=1e-2, adam_beta1=common.BETAS[0], adam_beta2=common.BETAS[1],
+                                 weight_decay=0.01, clip_grad=0.05, bf16=True, loss_scale=1024.0,
+                                 params_dtype=torch.bfloat16)
+    results = {}
+    for mode in ("plain", "ddp"):
+        torch.manual_seed(0)
+        model = MegatronNet(config).cuda()
+        module = model
+        if mode == "ddp":
+            module = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+        opt = get_step_optimizer(opt_config, [model], "2:4", switch=common.SWITCH)
+        for step in range(common.STEPS):
+            if mode == "ddp":
+                module.zero_grad_buffer()
+            opt.zero_grad()
+            x, y = common.global_batch(step)
+            loss = torch.nn.functional.mse_loss(module(x.cuda().bfloat16()).float(), y.cuda())
+            (loss * opt.get_loss_scale().reshape(())).backward()
+            if mode == "ddp":
+                module.finish_grad_sync()
+            assert opt.step()[0]
+        results[mode] = full_summary(model, opt, parallel_state.get_tensor_model_parallel_group())
+    return results
+
+
+def main():
+    out = sys.argv[1]
+    if sys.argv[2:] == ["gpu"]:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
+        torch.save(run_gpu(), os.path.join(out, f"megatron-gpu-rank{dist.get_rank()}.pt"))
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+        return
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    world = dist.get_world_size()
+    results = {}
+    # TP=world, then the single-rank reference (TP=1: every rank trains the whole model on the same
+    # batch, the ranks being data-parallel replicas), then the configurations that must fail.
+    for tp, mode in ((world, "fp32"), (world, "bf16"), (1, "fp32"), (1, "bf16"), (world, "bad")):
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+        results[f"tp{tp}-{mode}"] = run_bad(tp, out) if mode == "bad" else run_train(tp, mode, out)
+        parallel_state.destroy_model_parallel()
+    torch.save(results, os.path.join(out, f"megatron-rank{dist.get_rank()}.pt"))
+    dist.barrier()
+    common.exit_now()
+
+
+if __name__ == "__main__":
+    main()
