@@ -116,3 +116,23 @@ def store_rounded(ptr, x, mask, OUT_KIND: tl.constexpr):
         tl.store(ptr, bf16_bits_rne(x), mask=mask)
     else:
         tl.store(ptr, fp16_bits_rne(x), mask=mask)
+
+
+@triton.jit
+def strided_tile(b, cols, BLOCK: tl.constexpr, M: tl.constexpr):
+    """Block ``b`` of a tensor viewed as ``[rows, cols]`` whose N:M groups are ``M`` consecutive rows.
+
+    Returns ``(base, offsets, valid)``: the int64 element offset of the tile, the int32 ``[M, BC]``
+    offsets inside it (``BC = BLOCK // M`` columns, contiguous in memory) and the mask of columns
+    that exist. ``cols`` is int32; pass it as ``(cols // 16) * 16`` when it is a multiple of 16 so the
+    compiler can see that each row starts 16-byte aligned.
+    """
+    BC: tl.constexpr = BLOCK // M
+    n_col_blocks = (cols + BC - 1) // BC
+    row_group = b // n_col_blocks
+    col_block = b - row_group * n_col_blocks
+    i = tl.arange(0, M)[:, None]
+    j = tl.arange(0, BC)[None, :]
+    base = row_group * M * cols + col_block * BC
+    valid = (j < cols - col_block * BC) & (i < M)
+    return base, i * cols + j, valid

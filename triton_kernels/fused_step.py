@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._nm import check_device, check_nm, nm_keep, store_rounded
+from ._nm import check_device, check_nm, nm_keep, store_rounded, strided_tile
 
 BLOCK = 1024  # elements per program (a [M, BLOCK // M] tile for strided groups)
 NUM_WARPS = 4
@@ -50,7 +50,7 @@ def _step_tile(w_ptr, g_ptr, m_ptr, s_ptr, o_ptr, offs, valid, ok, scale,
     w = tl.load(w_ptr + offs, mask=valid, other=0.0)
     g = tl.load(g_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     if HAS_SCALE:
-        g = tl.div_rn(g, scale + tl.zeros_like(g))
+        g = tl.div_rn(g, tl.full(g.shape, scale, tl.float32))
     m1 = tl.load(m_ptr + offs, mask=valid, other=0.0)
     second = tl.load(s_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     store = valid & ok
@@ -58,14 +58,14 @@ def _step_tile(w_ptr, g_ptr, m_ptr, s_ptr, o_ptr, offs, valid, ok, scale,
         keep_old = nm_keep(w, STRIDED, N, M)
         g = g + tl.where(keep_old, 0.0, srste_decay * w)
     w = w * decay_factor
-    m1 = tl.fma(one_minus_beta1 + tl.zeros_like(m1), g - m1, m1)
+    m1 = tl.fma(tl.full(m1.shape, one_minus_beta1, tl.float32), g - m1, m1)
     abs_dv = tl.full([], 0.0, tl.float32)
     v_sum = tl.full([], 0.0, tl.float32)
     if FROZEN_V:
         w = w - step_size * (m1 * second)
     else:
         v = tl.fma(one_minus_beta2 * g, g, second * beta2)
-        denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt + tl.zeros_like(v)) + eps
+        denom = tl.div_rn(tl.sqrt_rn(v), tl.full(v.shape, bc2_sqrt, tl.float32)) + eps
         w = w + tl.div_rn((-step_size) * m1, denom)
         tl.store(s_ptr + offs, v, mask=store)
         if STATS:
@@ -122,27 +122,17 @@ def _fused_step_kernel(
     else:
         scale = tl.full([], 1.0, tl.float32)
     if STRIDED:
-        BC: tl.constexpr = BLOCK // M
-        cols = tl.load(row + 6)
-        n_col_blocks = (cols + BC - 1) // BC
-        row_group = b // n_col_blocks
-        col_block = b - row_group * n_col_blocks
-        i = tl.arange(0, M)[:, None]
-        j = tl.arange(0, BC)[None, :]
-        cols32 = cols.to(tl.int32)
-        if cols32 % 16 == 0:
-            c16 = (cols32 // 16) * 16
-            base = row_group * M * c16 + col_block * BC
-            valid = (j < c16 - (col_block * BC).to(tl.int32)) & (i < M)
+        cols = tl.load(row + 6).to(tl.int32)
+        if cols % 16 == 0:
+            base, offs, valid = strided_tile(b, (cols // 16) * 16, BLOCK, M)
             abs_dv, v_sum, flips = _step_tile(
-                w_ptr + base, g_ptr + base, m_ptr + base, s_ptr + base, o_ptr + base, i * c16 + j, valid, ok,
+                w_ptr + base, g_ptr + base, m_ptr + base, s_ptr + base, o_ptr + base, offs, valid, ok,
                 scale, decay_factor, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
                 srste_decay, OUT_KIND, MASKED, FROZEN_V, STATS, STRIDED, N, M, HAS_SCALE)
         else:
-            base = row_group * M * cols + col_block * BC
-            valid = (j < cols32 - (col_block * BC).to(tl.int32)) & (i < M)
+            base, offs, valid = strided_tile(b, cols, BLOCK, M)
             abs_dv, v_sum, flips = _step_tile(
-                w_ptr + base, g_ptr + base, m_ptr + base, s_ptr + base, o_ptr + base, i * cols32 + j, valid, ok,
+                w_ptr + base, g_ptr + base, m_ptr + base, s_ptr + base, o_ptr + base, offs, valid, ok,
                 scale, decay_factor, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
                 srste_decay, OUT_KIND, MASKED, FROZEN_V, STATS, STRIDED, N, M, HAS_SCALE)
     else:
@@ -403,7 +393,7 @@ def fused_step(
             MASKED=bool(masked), FROZEN_V=bool(frozen_v), STATS=stats, STRIDED=strided,
             N=int(n) if masked else 0, M=int(m) if masked else 1, BLOCK=BLOCK,
             HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None, ALIGNED=aligned,
-            num_warps=NUM_WARPS,
+            num_warps=NUM_WARPS, enable_fp_fusion=False,
         )
         launches += 1
     if not need_partials or total_blocks == 0:
