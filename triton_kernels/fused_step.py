@@ -53,7 +53,7 @@ def _step_tile(w_ptr, g_ptr, m_ptr, s_ptr, o_ptr, offs, valid, ok, scale,
         g = tl.div_rn(g, tl.full(g.shape, scale, tl.float32))
     m1 = tl.load(m_ptr + offs, mask=valid, other=0.0)
     second = tl.load(s_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    store = valid & ok
+    store = tl.where(ok, valid, False)
     if MASKED:
         keep_old = nm_keep(w, STRIDED, N, M)
         g = g + tl.where(keep_old, 0.0, srste_decay * w)
