@@ -71,17 +71,17 @@ def kernel_configs() -> List[KernelConfig]:
         _fused_config("adamw bf16 +stats", g=bf16, s=f32, out=bf16, masked=False, frozen=False, stats=True),
         _fused_config("adamw fp16", g=f16, s=f32, out=f16, masked=False, frozen=False),
         _fused_config("srste fp32 2:4", g=f32, s=f32, out=f32, masked=True, frozen=False, n=2, m=4),
-        _fused_config("srste bf16 16:32 conv1d", g=bf16, s=f32, out=bf16, masked=True, frozen=False, strided=True,
-                      n=16, m=32),
+        _fused_config("srste bf16 2:4 conv1d", g=bf16, s=f32, out=bf16, masked=True, frozen=False, strided=True,
+                      n=2, m=4),
         _fused_config("step2 fp32 2:4", g=f32, s=f32, out=f32, masked=True, frozen=True, n=2, m=4),
-        _fused_config("step2 fp32 16:32 conv1d", g=f32, s=f32, out=f32, masked=True, frozen=True, strided=True,
-                      n=16, m=32),
+        _fused_config("step2 fp32 1:4 conv1d", g=f32, s=f32, out=f32, masked=True, frozen=True, strided=True,
+                      n=1, m=4),
         _fused_config("step2 fp16 2:4", g=f16, s=f32, out=f16, masked=True, frozen=True, n=2, m=4),
     ]
     for n, m in ((1, 2), (2, 4), (1, 4), (2, 8), (4, 8), (1, 8), (1, 16), (16, 32)):
         configs.append(_fused_config(f"step2 bf16 {n}:{m}", g=bf16, s=bf16, out=bf16, masked=True, frozen=True,
                                      n=n, m=m))
-    for n, m in ((2, 4), (1, 16), (16, 32)):
+    for n, m in ((2, 4), (16, 32)):
         configs.append(_fused_config(f"step2 bf16 {n}:{m} conv1d", g=bf16, s=bf16, out=bf16, masked=True,
                                      frozen=True, strided=True, n=n, m=m))
     configs.append(KernelConfig(
@@ -155,3 +155,42 @@ def format_report(rows: List[dict]) -> str:
                      f"{r['loads_128']} / {r['loads']} ({r['min_vector_loads']}) | "
                      f"{r['stores_128']} / {r['stores']} ({r['min_vector_stores']}) |")
     return "\n".join(lines)
+
+
+def report_in_subprocess(capabilities: Sequence[int] = (80, 90), names: Optional[Sequence[str]] = None) -> List[dict]:
+    """:func:`report` run in a fresh interpreter with ``TRITON_INTERPRET`` unset (under the
+    interpreter ``@triton.jit`` yields functions that cannot be compiled) and FP fusion pinned off."""
+    import json
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "0"
+    args = [sys.executable, "-m", __name__, "--json", "--sm", ",".join(map(str, capabilities))]
+    if names:
+        args += ["--names", json.dumps(list(names))]
+    out = subprocess.run(args, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"compile-only report failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """``python -m step_kernels.triton_kernels._aot [--json] [--sm 80,90]``: print the report."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--json", action="store_true", help="print JSON rows instead of a markdown table")
+    parser.add_argument("--sm", default="80,90", help="compute capabilities, comma separated")
+    parser.add_argument("--names", default=None, help="JSON list of configuration names (default: all)")
+    args = parser.parse_args(argv)
+    configs = kernel_configs()
+    if args.names:
+        wanted = set(json.loads(args.names))
+        configs = [c for c in configs if c.name in wanted]
+    rows = report([int(x) for x in args.sm.split(",")], configs)
+    print(json.dumps(rows) if args.json else format_report(rows))
+
+
+if __name__ == "__main__":
+    main()
