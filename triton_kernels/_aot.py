@@ -136,9 +136,16 @@ def inspect_cubin(cubin: bytes) -> Dict[str, int]:
 
 
 def report(capabilities: Sequence[int] = (80, 90), configs: Optional[List[KernelConfig]] = None) -> List[dict]:
-    """One row per (configuration, capability): name, sm, registers, stack, local, spill ops, loads."""
+    """One row per (configuration, capability): name, sm, registers, stack, local, spill ops, loads.
+
+    Under ``TRITON_INTERPRET=1`` the kernels cannot be compiled in this process, so the work goes
+    to :func:`report_in_subprocess`.
+    """
+    configs = configs if configs is not None else kernel_configs()
+    if not isinstance(fused_step._fused_step_kernel, triton.runtime.JITFunction):
+        return report_in_subprocess(capabilities, [cfg.name for cfg in configs])
     rows = []
-    for cfg in configs if configs is not None else kernel_configs():
+    for cfg in configs:
         for cc in capabilities:
             compiled = compile_config(cfg, cc)
             rows.append({"name": cfg.name, "sm": cc, "min_vector_loads": cfg.min_vector_loads,
