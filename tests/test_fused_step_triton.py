@@ -181,6 +181,32 @@ def test_adamw_matches_reference(grad_dtype, out_dtype, stats, tdevice):
         assert t["totals"].abs().sum().item() == 0
 
 
+def test_misaligned_views_take_the_unaligned_variant(tdevice):
+    """Contiguous views that start 4 bytes into their storage cannot use the 16-byte hints."""
+    tensors = make_case([(3, 40), (257,)], frozen=False, grad_dtype=torch.float32, out_dtype=None,
+                        precond_dtype=torch.float32, device=tdevice, seed=13, ties=False)
+    for row in tensors:
+        for k in range(4):
+            shifted = torch.empty(row[k].numel() + 1, dtype=row[k].dtype, device=tdevice)[1:].view(row[k].shape)
+            shifted.copy_(row[k])
+            row[k] = shifted
+    assert tensors[0][0].data_ptr() % 16 != 0
+    r, t = run_both(tensors, scalars(), masked=False, frozen_v=False, compute_stats=True)
+    check_against_reference(r, t, before=tensors, masked=False, frozen=False, n=0, m=0, dims=None, out_dtype=None)
+
+
+def test_scalars_are_runtime_arguments():
+    """lr, step and the other hyper-parameters must not be constexpr: changing them never recompiles."""
+    import inspect
+
+    from step_kernels.triton_kernels.fused_step import _fused_step_kernel
+
+    params = inspect.signature(_fused_step_kernel.fn).parameters
+    for name in ("decay_factor", "one_minus_beta1", "beta2", "one_minus_beta2", "step_size", "bc2_sqrt", "eps",
+                 "srste_decay"):
+        assert params[name].annotation is inspect.Parameter.empty, name
+
+
 def test_adamw_matches_torch_adamw(tdevice):
     """An independent peer: torch.optim.AdamW over three steps with changing lr."""
     gen = torch.Generator().manual_seed(5)

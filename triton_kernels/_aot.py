@@ -4,8 +4,8 @@
 with ``triton.compile(ASTSource(...))``, then reads the cubin with the ``cuobjdump`` shipped in
 the triton wheel: registers, stack/local bytes (spills) and the 128-bit global loads and stores
 (``LDG.E.128`` / ``STG.E.128``) against the number the main streams need. Used by
-``tests/test_triton_aot.py`` and the benchmark report. Written for Triton 3.9's ``ASTSource``
-(``signature`` by name, ``constexprs`` by name, ``attrs`` by argument index).
+``tests/test_triton_aot.py`` and the benchmark report. Uses ``ASTSource`` as Triton 3.6 and 3.9
+take it (``signature`` by name, ``constexprs`` by name, ``attrs`` by argument index).
 """
 
 import os
