@@ -164,21 +164,29 @@ def format_report(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def report_in_subprocess(capabilities: Sequence[int] = (80, 90), names: Optional[Sequence[str]] = None) -> List[dict]:
-    """:func:`report` run in a fresh interpreter with ``TRITON_INTERPRET`` unset (under the
-    interpreter ``@triton.jit`` yields functions that cannot be compiled) and FP fusion pinned off."""
+def report_in_subprocess(capabilities: Sequence[int] = (80, 90), names: Optional[Sequence[str]] = None,
+                         jobs: int = 2) -> List[dict]:
+    """:func:`report` run in ``jobs`` fresh interpreters with ``TRITON_INTERPRET`` unset (under the
+    interpreter ``@triton.jit`` yields functions that cannot be compiled) and FP fusion pinned off;
+    rows come back in configuration order."""
     import json
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "0"
-    args = [sys.executable, "-m", __name__, "--json", "--sm", ",".join(map(str, capabilities))]
-    if names:
-        args += ["--names", json.dumps(list(names))]
-    out = subprocess.run(args, capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise RuntimeError(f"compile-only report failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout)
+    names = list(names) if names is not None else [cfg.name for cfg in kernel_configs()]
+    shares = [names[i::jobs] for i in range(jobs) if names[i::jobs]]
+    procs = [subprocess.Popen([sys.executable, "-m", __name__, "--json", "--sm", ",".join(map(str, capabilities)),
+                               "--names", json.dumps(share)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for share in shares]
+    rows = []
+    for proc in procs:
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"compile-only report failed:\n{err[-4000:]}")
+        rows += json.loads(out)
+    order = {name: i for i, name in enumerate(names)}
+    return sorted(rows, key=lambda row: (order[row["name"]], row["sm"]))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

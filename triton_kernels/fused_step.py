@@ -265,6 +265,9 @@ def _check_lists(weights, grads, exp_avgs, second_moments, model_params, masked,
             raise ValueError(f"group_dims must give one dim per tensor when masked=True, got {group_dims!r}")
     device = weights[0].device
     interpreter = _interpreter_on()
+    if interpreter and device.type != "cpu":
+        raise ValueError(f"weights[0] is on {device} but TRITON_INTERPRET=1 runs kernels on the host, and the "
+                         "pointer table holds device addresses: unset TRITON_INTERPRET or use CPU tensors")
     has_out = model_params[0] is not None
     out_dtype = model_params[0].dtype if has_out else None
     second_dtypes = _PRECOND_DTYPES if frozen_v else {torch.float32: tl.float32}
