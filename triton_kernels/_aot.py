@@ -45,20 +45,21 @@ def _vectors(dtypes, elems_per_thread: int) -> int:
 def _fused_config(name, *, g, s, out, masked, frozen, stats=False, strided=False, n=0, m=1) -> KernelConfig:
     out_kind = {None: 0, tl.float32: 1, tl.bfloat16: 2, tl.float16: 3}[out]
     o_dtype = tl.float32 if out in (None, tl.float32) else tl.uint16
+    block, warps = fused_step.launch_shape(strided, m)
     sig = {"tensors": "*i64", "blocks": "*i32", "partials": "*fp64", "grad_scale_ptr": "*fp32",
            "found_inf_ptr": "*fp32"}
     for arg in ("decay_factor", "one_minus_beta1", "beta2", "one_minus_beta2", "step_size", "bc2_sqrt", "eps",
                 "srste_decay"):
         sig[arg] = "fp32"
     constexprs = dict(G_DTYPE=g, S_DTYPE=s, OUT_KIND=out_kind, O_DTYPE=o_dtype, MASKED=masked, FROZEN_V=frozen,
-                      STATS=stats, STRIDED=strided, N=n, M=m, BLOCK=fused_step.BLOCK, HAS_SCALE=True,
+                      STATS=stats, STRIDED=strided, N=n, M=m, BLOCK=block, HAS_SCALE=True,
                       HAS_INF=True, ALIGNED=True)
     for key in constexprs:
         sig[key] = "constexpr"
-    per_thread = fused_step.BLOCK // (32 * fused_step.NUM_WARPS)
+    per_thread = block // (32 * warps)
     loads = [tl.float32, g, tl.float32, s]
     stores = [tl.float32, tl.float32] + ([] if frozen else [tl.float32]) + ([] if out is None else [o_dtype])
-    return KernelConfig(name, fused_step._fused_step_kernel, sig, constexprs, (0, 1, 2, 3, 4), fused_step.NUM_WARPS,
+    return KernelConfig(name, fused_step._fused_step_kernel, sig, constexprs, (0, 1, 2, 3, 4), warps,
                         _vectors(loads, per_thread), _vectors(stores, per_thread))
 
 
@@ -81,7 +82,7 @@ def kernel_configs() -> List[KernelConfig]:
     for n, m in ((1, 2), (2, 4), (1, 4), (2, 8), (4, 8), (1, 8), (1, 16), (16, 32)):
         configs.append(_fused_config(f"step2 bf16 {n}:{m}", g=bf16, s=bf16, out=bf16, masked=True, frozen=True,
                                      n=n, m=m))
-    for n, m in ((2, 4), (16, 32)):
+    for n, m in ((2, 4), (1, 16), (16, 32)):
         configs.append(_fused_config(f"step2 bf16 {n}:{m} conv1d", g=bf16, s=bf16, out=bf16, masked=True,
                                      frozen=True, strided=True, n=n, m=m))
     configs.append(KernelConfig(

@@ -25,6 +25,9 @@ from ._nm import check_device, check_nm, nm_keep, store_rounded, strided_tile
 
 BLOCK = 1024  # elements per program (a [M, BLOCK // M] tile for strided groups)
 NUM_WARPS = 4
+# Strided groups of M >= 16 reduce across the rows of a [M, BLOCK // M] tile; at 1024 elements on
+# 4 warps that crosses warps and takes ~255 registers, at 256 on one warp it stays in-warp (~128).
+STRIDED_LARGE_M = (16, 256, 1)  # (from M, block, warps): still 8 elements per thread
 REDUCE_BLOCK = 1024
 _TABLE_COLS = 8  # w, g, m, second, out, numel, cols, unused
 _GRAD_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -100,7 +103,8 @@ def _fused_step_kernel(
     # BLOCK 1024 on 4 warps = 8 contiguous elements per thread: one 16-byte load per bf16/fp16
     # stream and two per fp32 stream (needs 16-byte aligned pointers and a block bound that is a
     # multiple of 16, hence the two branches below). The N:M selection keeps O(M) temporaries per
-    # group (see _nm.topn_keep), so the same block serves every M without spills.
+    # group (see _nm.topn_keep), so contiguous groups use that block for every M without spills;
+    # strided groups with M >= 16 use 256 elements on one warp (launch_shape).
     pid = tl.program_id(0)
     t = tl.load(blocks + 2 * pid).to(tl.int64)
     b = tl.load(blocks + 2 * pid + 1).to(tl.int64)
@@ -194,24 +198,32 @@ def _cached(cache: OrderedDict, key: tuple, build):
     return value
 
 
-def _block_table(sizes: Sequence[Tuple[int, int]], strided: bool, m: int, device: torch.device) -> torch.Tensor:
+def launch_shape(strided: bool, m: int) -> Tuple[int, int]:
+    """(elements per program, warps) of the step kernel for this group layout."""
+    first_m, block, warps = STRIDED_LARGE_M
+    if strided and m >= first_m:
+        return block, warps
+    return BLOCK, NUM_WARPS
+
+
+def _block_table(sizes: Sequence[Tuple[int, int]], strided: bool, m: int, block: int,
+                 device: torch.device) -> torch.Tensor:
     """int32 [blocks, 2] of (tensor index, block index) for tensors of (numel, cols)."""
 
     def build():
         counts = []
         for numel, cols in sizes:
             if strided:
-                bc = BLOCK // m
-                counts.append((numel // cols // m) * triton.cdiv(cols, bc) if numel else 0)
+                counts.append((numel // cols // m) * triton.cdiv(cols, block // m) if numel else 0)
             else:
-                counts.append(triton.cdiv(numel, BLOCK))
+                counts.append(triton.cdiv(numel, block))
         counts_t = torch.tensor(counts, dtype=torch.int64)
         tensor_idx = torch.repeat_interleave(torch.arange(len(sizes)), counts_t)
         first = torch.cumsum(counts_t, 0) - counts_t
         block_idx = torch.arange(int(counts_t.sum())) - torch.repeat_interleave(first, counts_t)
         return torch.stack([tensor_idx, block_idx], dim=1).to(torch.int32).to(device)
 
-    return _cached(_BLOCK_TABLES, (device, strided, m, tuple(sizes)), build)
+    return _cached(_BLOCK_TABLES, (device, strided, m, block, tuple(sizes)), build)
 
 
 def _tensor_table(rows: List[Tuple[int, ...]], device: torch.device) -> torch.Tensor:
@@ -376,13 +388,14 @@ def fused_step(
                     second_moments[i].data_ptr(), out.data_ptr() if out is not None else 0]
             rows.append((*ptrs, weights[i].numel(), cols, 0))
         aligned = all(p % 16 == 0 for row in rows for p in row[:5])
-        blocks = _block_table([(row[5], row[6]) for row in rows], strided, m, device)
-        launches_plan.append((strided, _tensor_table(rows, device), blocks, aligned, total_blocks))
+        block, warps = launch_shape(strided, m)
+        blocks = _block_table([(row[5], row[6]) for row in rows], strided, m, block, device)
+        launches_plan.append((strided, block, warps, _tensor_table(rows, device), blocks, aligned, total_blocks))
         total_blocks += blocks.shape[0]
     partials = torch.empty((max(total_blocks, 1), 3), dtype=torch.float64, device=device)
     dummy = partials
     launches = 0
-    for strided, table, blocks, aligned, first_block in launches_plan:
+    for strided, block, warps, table, blocks, aligned, first_block in launches_plan:
         if blocks.shape[0] == 0:
             continue
         _fused_step_kernel[(blocks.shape[0],)](
@@ -394,9 +407,9 @@ def fused_step(
             S_DTYPE=_PRECOND_DTYPES[second_moments[0].dtype],
             OUT_KIND=out_kind, O_DTYPE=o_dtype,
             MASKED=bool(masked), FROZEN_V=bool(frozen_v), STATS=stats, STRIDED=strided,
-            N=int(n) if masked else 0, M=int(m) if masked else 1, BLOCK=BLOCK,
+            N=int(n) if masked else 0, M=int(m) if masked else 1, BLOCK=block,
             HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None, ALIGNED=aligned,
-            num_warps=NUM_WARPS, enable_fp_fusion=False,
+            num_warps=warps, enable_fp_fusion=False,
         )
         launches += 1
     if not need_partials or total_blocks == 0:
