@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from . import fused_step, nm_prune
+from ._nm import strided_launch_shape
 
 _TL_NAMES = {tl.float32: "fp32", tl.bfloat16: "bf16", tl.float16: "fp16", tl.uint16: "u16"}
 _BYTES = {tl.float32: 4, tl.bfloat16: 2, tl.float16: 2, tl.uint16: 2}
@@ -89,15 +90,16 @@ def kernel_configs() -> List[KernelConfig]:
         "sum partials", fused_step._sum_partials_kernel,
         {"partials": "*fp64", "totals": "*fp64", "num_blocks": "i32", "RBLOCK": "constexpr"},
         {"RBLOCK": fused_step.REDUCE_BLOCK}, (0, 1), 4, 0, 0))
-    for dtype, n, m, strided in ((f32, 2, 4, False), (bf16, 16, 32, False), (bf16, 2, 4, True)):
+    for dtype, n, m, strided in ((f32, 2, 4, False), (bf16, 16, 32, False), (bf16, 2, 4, True), (bf16, 16, 32, True)):
         name = f"nm_prune {_TL_NAMES[dtype]} {n}:{m}" + (" strided" if strided else "")
+        block, warps = strided_launch_shape(m) if strided else (nm_prune.BLOCK, nm_prune.NUM_WARPS)
         sig = {"w_ptr": f"*{_TL_NAMES[dtype]}", "out_ptr": f"*{_TL_NAMES[dtype]}", "mask_ptr": "*i1",
                "numel": "i32", "cols": "i32", "N": "constexpr", "M": "constexpr", "BLOCK": "constexpr",
                "STRIDED": "constexpr"}
-        per_thread = nm_prune.BLOCK // (32 * nm_prune.NUM_WARPS)
+        per_thread = block // (32 * warps)
         configs.append(KernelConfig(
-            name, nm_prune._nm_prune_kernel, sig, dict(N=n, M=m, BLOCK=nm_prune.BLOCK, STRIDED=strided),
-            (0, 1, 2, 3, 4), nm_prune.NUM_WARPS, _vectors([dtype], per_thread), _vectors([dtype], per_thread)))
+            name, nm_prune._nm_prune_kernel, sig, dict(N=n, M=m, BLOCK=block, STRIDED=strided),
+            (0, 1, 2, 3, 4), warps, _vectors([dtype], per_thread), _vectors([dtype], per_thread)))
     return configs
 
 

@@ -11,6 +11,16 @@ import triton.language as tl
 SUPPORTED_M = (2, 4, 8, 16, 32)
 
 
+def strided_launch_shape(m: int):
+    """(elements per program, warps) for groups of ``m`` rows of a strided ``[M, BLOCK // M]`` tile.
+
+    The top-N reductions run across the tile's rows. At 1024 elements on 4 warps, M >= 16 spreads
+    a group over warps (~255 registers at 16:32); 256 elements on one warp keeps it in-warp (~128).
+    Both give 8 contiguous elements per thread, so 16-bit streams still load 16 bytes at a time.
+    """
+    return (256, 1) if m >= 16 else (1024, 4)
+
+
 def check_nm(n: int, m: int) -> None:
     """Raise ``ValueError`` unless ``1 <= n < m`` and ``m`` is a power of two from 2 to 32."""
     if m not in SUPPORTED_M:

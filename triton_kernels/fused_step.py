@@ -21,13 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._nm import check_device, check_nm, nm_keep, store_rounded, strided_tile
+from ._nm import check_device, check_nm, nm_keep, store_rounded, strided_launch_shape, strided_tile
 
 BLOCK = 1024  # elements per program (a [M, BLOCK // M] tile for strided groups)
 NUM_WARPS = 4
-# Strided groups of M >= 16 reduce across the rows of a [M, BLOCK // M] tile; at 1024 elements on
-# 4 warps that crosses warps and takes ~255 registers, at 256 on one warp it stays in-warp (~128).
-STRIDED_LARGE_M = (16, 256, 1)  # (from M, block, warps): still 8 elements per thread
 REDUCE_BLOCK = 1024
 _TABLE_COLS = 8  # w, g, m, second, out, numel, cols, unused
 _GRAD_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -200,10 +197,7 @@ def _cached(cache: OrderedDict, key: tuple, build):
 
 def launch_shape(strided: bool, m: int) -> Tuple[int, int]:
     """(elements per program, warps) of the step kernel for this group layout."""
-    first_m, block, warps = STRIDED_LARGE_M
-    if strided and m >= first_m:
-        return block, warps
-    return BLOCK, NUM_WARPS
+    return strided_launch_shape(m) if strided else (BLOCK, NUM_WARPS)
 
 
 def _block_table(sizes: Sequence[Tuple[int, int]], strided: bool, m: int, block: int,

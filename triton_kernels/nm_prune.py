@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._nm import check_device, check_nm, nm_keep, strided_tile
+from ._nm import check_device, check_nm, nm_keep, strided_launch_shape, strided_tile
 
 BLOCK = 1024  # elements per program (a [M, BLOCK // M] tile when the groups are strided)
 NUM_WARPS = 4
@@ -22,7 +22,8 @@ def _nm_prune_kernel(w_ptr, out_ptr, mask_ptr, numel, cols, N: tl.constexpr, M: 
     # Bytes per element: read s, write s + 1 (s = 4 for fp32, 2 for bf16/fp16).
     # BLOCK 1024 on 4 warps = 8 contiguous elements per thread: 16-byte loads for 16-bit inputs
     # (numel/cols divisible by 16 are specialised by the JIT). The selection keeps O(M)
-    # temporaries per group, so the block is the same for every M.
+    # temporaries per group, so contiguous groups use that block for every M; strided groups of
+    # M >= 16 use 256 elements on one warp (_nm.strided_launch_shape).
     b = tl.program_id(0).to(tl.int64)
     if STRIDED:
         base, offs, valid = strided_tile(b, cols, BLOCK, M)
@@ -65,9 +66,11 @@ def nm_prune(w: torch.Tensor, n: int, m: int, dim: int = -1) -> Tuple[torch.Tens
     strided = d != w.dim() - 1
     cols = w[(0,) * (d + 1)].numel() if strided else w.shape[d]
     if strided:
-        grid = (w.numel() // cols // m * triton.cdiv(cols, BLOCK // m),)
+        block, warps = strided_launch_shape(m)
+        grid = (w.numel() // cols // m * triton.cdiv(cols, block // m),)
     else:
+        block, warps = BLOCK, NUM_WARPS
         grid = (triton.cdiv(w.numel(), BLOCK),)
-    _nm_prune_kernel[grid](w, out, mask, w.numel(), cols, N=n, M=m, BLOCK=BLOCK, STRIDED=strided,
-                           num_warps=NUM_WARPS)
+    _nm_prune_kernel[grid](w, out, mask, w.numel(), cols, N=n, M=m, BLOCK=block, STRIDED=strided,
+                           num_warps=warps)
     return out, mask
