@@ -1,0 +1,430 @@
+"""The Triton fused step (triton_kernels/fused_step.py) against the reference, on CPU under
+TRITON_INTERPRET=1 and on CUDA when present.
+
+Masks are compared bit for bit. Values may differ from the reference by its own rounding: torch's
+CPU sqrt is not always correctly rounded (the kernel's is), so master weights and moments are
+allowed ``ULPS`` units in the last place of the value or of the step's update; model parameters must equal the RNE cast of the
+kernel's own masked master exactly.
+"""
+
+import dataclasses
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import step_kernels as sk
+from step_kernels import ops
+from step_kernels import reference as ref
+
+pytest.importorskip("triton")
+
+# torch's CPU sqrt may be one ulp off; through the division and the add that is up to ~3 ulps of
+# the update. Four ulps of max(|w|, |update|) is the reference's own rounding, not the kernel's.
+ULPS = 4
+NM = [(1, 2), (2, 4), (1, 4), (2, 8), (4, 8), (1, 8), (1, 16), (16, 32)]
+
+
+def interpreter_on():
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@pytest.fixture
+def tdevice(device):
+    """The test device, skipping CPU when Triton's interpreter is off (a CUDA machine)."""
+    if device.type == "cpu" and not interpreter_on():
+        pytest.skip("CPU tensors need TRITON_INTERPRET=1")
+    return device
+
+
+def assert_ulps(actual, expected, name, ulps=ULPS, change=None):
+    """|actual - expected| <= ulps * ulp(max(|expected|, |change|)), NaNs matching NaNs.
+
+    ``change`` is the size of this step's update: its rounding error (torch's CPU sqrt is off by an
+    ulp at times) lands on the result, so for small weights the ulp of the update sets the scale.
+    """
+    actual, expected = actual.float(), expected.float()
+    nan = torch.isnan(expected)
+    assert torch.equal(torch.isnan(actual), nan), f"{name}: NaN positions differ"
+    a, e = actual[~nan], expected[~nan]
+    mag = e.abs() if change is None else torch.maximum(e.abs(), change.float()[~nan].abs())
+    mag = mag.clamp_min(1e-30)
+    ulp = torch.nextafter(mag, torch.tensor(float("inf"))) - mag
+    bad = (a - e).abs() > ulps * ulp
+    assert not bad.any(), (f"{name}: {int(bad.sum())} values beyond {ulps} ulp, e.g. "
+                           f"{a[bad][:3].tolist()} vs {e[bad][:3].tolist()}")
+
+
+def make_case(shapes, *, frozen, grad_dtype, out_dtype, precond_dtype, device, seed, ties=True):
+    gen = torch.Generator().manual_seed(seed)
+    tensors = []
+    for shape in shapes:
+        w = torch.randn(shape, generator=gen)
+        if ties:  # a coarse grid makes equal magnitudes (and +-0) common, so the tie rule is exercised
+            w = torch.round(w * 4) / 4
+        g = torch.randn(shape, generator=gen).to(grad_dtype)
+        m1 = torch.randn(shape, generator=gen) * 0.1
+        v = torch.rand(shape, generator=gen) * 1e-2
+        second = (1 / (v.sqrt() + 1e-3)).to(precond_dtype) if frozen else v
+        out = torch.full(shape, -7.0, dtype=out_dtype) if out_dtype is not None else None  # unwritten shows
+        tensors.append([x.to(device) if x is not None else None for x in (w, g, m1, second, out)])
+    return tensors
+
+
+def run_both(tensors, scalars, **kwargs):
+    """Run the reference and the Triton backend on copies; returns both results."""
+    results = {}
+    for backend in ("reference", "triton"):
+        copies = [[x.clone() if x is not None else None for x in t] for t in tensors]
+        w, g, m1, second, out = (list(col) for col in zip(*copies))
+        totals, launches = ops.fused_step(backend, w, g, m1, second, out, scalars=scalars, **kwargs)
+        results[backend] = dict(w=w, m=m1, second=second, out=out, totals=totals.cpu(), launches=launches)
+    return results["reference"], results["triton"]
+
+
+def check_against_reference(r, t, *, masked, frozen, n, m, dims, out_dtype, before):
+    for i in range(len(r["w"])):
+        assert_ulps(t["w"][i], r["w"][i], f"w[{i}]", change=r["w"][i] - before[i][0])
+        assert_ulps(t["m"][i], r["m"][i], f"m[{i}]")
+        if frozen:
+            assert torch.equal(t["second"][i], r["second"][i]), f"p[{i}] must be read only"
+        else:
+            assert_ulps(t["second"][i], r["second"][i], f"v[{i}]")
+        if masked:
+            keep_t = ref.nm_mask(t["w"][i], n, m, dims[i])
+            assert torch.equal(keep_t, ref.nm_mask(r["w"][i], n, m, dims[i])), f"mask[{i}] differs"
+            expected_out = torch.where(keep_t, t["w"][i], torch.zeros((), device=keep_t.device))
+        else:
+            expected_out = t["w"][i]
+        if out_dtype is not None:
+            assert torch.equal(t["out"][i], expected_out.to(out_dtype)), f"model param [{i}] is not RNE of w"
+    if masked:
+        assert t["totals"][2].item() == r["totals"][2].item(), "flip counts differ"
+    else:
+        torch.testing.assert_close(t["totals"], r["totals"], rtol=1e-6, atol=0)
+
+
+def scalars(step=3, lr=1e-2, weight_decay=0.1):
+    return ref.step_scalars(lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=weight_decay, step=step,
+                            srste_decay=0.05)
+
+
+def contiguous_shapes(m):
+    # rows x groups: 1 group, 15 groups, 257 groups (several blocks, a tail), a block-sized tensor
+    return [(1, m), (3, 5 * m), (1, 257 * m), (2, 1024 // 2)]
+
+
+def strided_shapes(m):
+    # [in, out] Conv1D layout; cols 1, 15 (not a multiple of 16), 257, 48 with 1-3 row groups
+    return [(m, 1), (m, 15), (2 * m, 257 // 2 * 2 + 1), (3 * m, 48)]
+
+
+# (masked, frozen, grad dtype, model dtype, precond dtype)
+RECIPES = {
+    "step2-fp32": (True, True, torch.float32, torch.float32, torch.float32),
+    "step2-bf16": (True, True, torch.bfloat16, torch.bfloat16, torch.bfloat16),
+    "step2-fp16": (True, True, torch.float16, torch.float16, torch.float32),
+    "srste-fp32": (True, False, torch.float32, torch.float32, torch.float32),
+    "srste-bf16": (True, False, torch.bfloat16, torch.bfloat16, torch.float32),
+}
+
+
+@pytest.mark.parametrize("n,m", NM)
+def test_masked_contiguous_every_nm(n, m, tdevice):
+    masked, frozen, gd, od, pd = RECIPES["step2-bf16"]
+    shapes = contiguous_shapes(m)
+    tensors = make_case(shapes, frozen=frozen, grad_dtype=gd, out_dtype=od, precond_dtype=pd, device=tdevice,
+                        seed=n * 100 + m)
+    dims = [1] * len(shapes)
+    r, t = run_both(tensors, scalars(), masked=True, frozen_v=frozen, n=n, m=m, group_dims=dims)
+    check_against_reference(r, t, before=tensors, masked=True, frozen=frozen, n=n, m=m, dims=dims, out_dtype=od)
+    assert t["launches"] == 2  # one step launch for all tensors + the partial-sum launch
+
+
+@pytest.mark.parametrize("n,m", [(1, 2), (2, 4), (1, 16), (16, 32)])
+@pytest.mark.parametrize("recipe", ["step2-fp32", "srste-bf16"])
+def test_masked_strided_conv1d(recipe, n, m, tdevice):
+    masked, frozen, gd, od, pd = RECIPES[recipe]
+    shapes = strided_shapes(m)
+    tensors = make_case(shapes, frozen=frozen, grad_dtype=gd, out_dtype=od, precond_dtype=pd, device=tdevice,
+                        seed=7 * m + n)
+    dims = [0] * len(shapes)
+    r, t = run_both(tensors, scalars(), masked=True, frozen_v=frozen, n=n, m=m, group_dims=dims)
+    check_against_reference(r, t, before=tensors, masked=True, frozen=frozen, n=n, m=m, dims=dims, out_dtype=od)
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_masked_recipes_and_dtypes_mixed_orientation(recipe, tdevice):
+    masked, frozen, gd, od, pd = RECIPES[recipe]
+    n, m = 2, 4
+    shapes = contiguous_shapes(m)[:3] + strided_shapes(m)[:2]
+    dims = [1, 1, 1, 0, 0]
+    tensors = make_case(shapes, frozen=frozen, grad_dtype=gd, out_dtype=od, precond_dtype=pd, device=tdevice,
+                        seed=3)
+    r, t = run_both(tensors, scalars(), masked=True, frozen_v=frozen, n=n, m=m, group_dims=dims)
+    check_against_reference(r, t, before=tensors, masked=True, frozen=frozen, n=n, m=m, dims=dims, out_dtype=od)
+    assert t["launches"] == 3  # one step launch per orientation + the partial sums
+
+
+@pytest.mark.parametrize("grad_dtype,out_dtype", [(torch.float32, None), (torch.bfloat16, torch.bfloat16),
+                                                  (torch.float16, torch.float16), (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("stats", [False, True])
+def test_adamw_matches_reference(grad_dtype, out_dtype, stats, tdevice):
+    shapes = [(1,), (15,), (257,), (1024 + 17,), (4, 1024), (3, 5, 7)]  # tails, non-multiples of 16 and of the block
+    tensors = make_case(shapes, frozen=False, grad_dtype=grad_dtype, out_dtype=out_dtype,
+                        precond_dtype=torch.float32, device=tdevice, seed=11, ties=False)
+    r, t = run_both(tensors, scalars(), masked=False, frozen_v=False, compute_stats=stats)
+    check_against_reference(r, t, before=tensors, masked=False, frozen=False, n=0, m=0, dims=None, out_dtype=out_dtype)
+    assert t["launches"] == (2 if stats else 1)
+    if not stats:
+        assert t["totals"].abs().sum().item() == 0
+
+
+def test_misaligned_views_take_the_unaligned_variant(tdevice):
+    """Contiguous views that start 4 bytes into their storage cannot use the 16-byte hints."""
+    tensors = make_case([(3, 40), (257,)], frozen=False, grad_dtype=torch.float32, out_dtype=None,
+                        precond_dtype=torch.float32, device=tdevice, seed=13, ties=False)
+    for row in tensors:
+        for k in range(4):
+            shifted = torch.empty(row[k].numel() + 1, dtype=row[k].dtype, device=tdevice)[1:].view(row[k].shape)
+            shifted.copy_(row[k])
+            row[k] = shifted
+    assert tensors[0][0].data_ptr() % 16 != 0
+    r, t = run_both(tensors, scalars(), masked=False, frozen_v=False, compute_stats=True)
+    check_against_reference(r, t, before=tensors, masked=False, frozen=False, n=0, m=0, dims=None, out_dtype=None)
+
+
+def test_scalars_are_runtime_arguments():
+    """lr, step and the other hyper-parameters must not be constexpr: changing them never recompiles."""
+    import inspect
+
+    from step_kernels.triton_kernels.fused_step import _fused_step_kernel
+
+    params = inspect.signature(_fused_step_kernel.fn).parameters
+    for name in ("decay_factor", "one_minus_beta1", "beta2", "one_minus_beta2", "step_size", "bc2_sqrt", "eps",
+                 "srste_decay"):
+        assert params[name].annotation is inspect.Parameter.empty, name
+
+
+def test_adamw_matches_torch_adamw(tdevice):
+    """An independent peer: torch.optim.AdamW over three steps with changing lr."""
+    gen = torch.Generator().manual_seed(5)
+    params = [torch.randn(s, generator=gen).to(tdevice) for s in [(33,), (8, 40)]]
+    peer = [p.clone().requires_grad_() for p in params]
+    opt = torch.optim.AdamW(peer, lr=1e-2, weight_decay=0.1, foreach=False)
+    exp_avgs = [torch.zeros_like(p) for p in params]
+    exp_avg_sqs = [torch.zeros_like(p) for p in params]
+    for step, lr in enumerate([1e-2, 5e-3, 2e-2], start=1):
+        grads = [torch.randn(p.shape, generator=gen).to(tdevice) for p in params]
+        for q, g in zip(peer, grads):
+            q.grad = g.clone()
+        opt.param_groups[0]["lr"] = lr
+        opt.step()
+        s = ref.step_scalars(lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, step=step)
+        ops.fused_step("triton", params, grads, exp_avgs, exp_avg_sqs, [None, None], masked=False, frozen_v=False,
+                       scalars=s)
+    for p, q in zip(params, peer):
+        assert_ulps(p, q.detach(), "w vs torch.optim.AdamW", ulps=4)
+    for mine, q in zip(exp_avg_sqs, peer):
+        assert_ulps(mine, opt.state[q]["exp_avg_sq"], "v vs torch.optim.AdamW", ulps=4)
+
+
+def test_nan_and_signed_zero_rules(tdevice):
+    """NaN weights count as +inf and stay kept; pruned entries are written +0.0; -0.0 kept stays -0.0."""
+    w = torch.tensor([[float("nan"), 1.0, 2.0, 0.5, -0.0, 0.0, 0.0, 0.0]], device=tdevice)
+    g = torch.zeros_like(w)
+    tensors = [[w, g, torch.zeros_like(w), torch.ones_like(w), torch.empty_like(w, dtype=torch.bfloat16)]]
+    s = ref.step_scalars(lr=0.0, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1, srste_decay=0.0)
+    r, t = run_both(tensors, s, masked=True, frozen_v=True, n=2, m=4, group_dims=[1])
+    out = t["out"][0].float().cpu()
+    assert torch.isnan(out[0, 0]) and out[0, 2] == 2.0 and out[0, 1] == 0 and out[0, 3] == 0
+    assert not torch.signbit(out[0, 1]) and not torch.signbit(out[0, 3])
+    assert torch.signbit(out[0, 4]) and out[0, 4] == 0  # kept by the tie rule: -0.0 is the lowest index of 4 ties
+    assert torch.equal(torch.signbit(out[0, 5:]), torch.zeros(3, dtype=torch.bool))
+    assert t["totals"][2].item() == r["totals"][2].item() == 0
+
+
+def test_round_to_nearest_even_model_params(tdevice):
+    """Halfway cases, overflow, subnormals and NaN of the fp32 -> bf16/fp16 store, against torch's casts."""
+    bits = torch.tensor([0x3F808000, 0x3F818000, 0x3F800001, 0x7F7FFFFF, 0x477FF000, 0x477FEFFF, 0x33000000,
+                         0x33000001, 0x387FC000, 0x00000001, 0x80000000, 0xFF800000, 0x7FC00001, 0xC7800000],
+                        dtype=torch.int64).to(torch.int32)
+    x = bits.view(torch.float32)
+    base = torch.randn(64 - x.numel())
+    values = torch.cat([x, base]).reshape(1, 64).to(tdevice)
+    for dtype in (torch.bfloat16, torch.float16):
+        w = values.clone()
+        out = torch.empty_like(w, dtype=dtype)
+        s = ref.step_scalars(lr=0.0, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1)
+        ops.fused_step("triton", [w], [torch.zeros_like(w)], [torch.zeros_like(w)], [torch.zeros_like(w)], [out],
+                       masked=False, frozen_v=False, scalars=s)
+        expected = values.to(dtype)
+        nan = torch.isnan(expected)
+        assert torch.equal(torch.isnan(out), nan)
+        assert torch.equal(out[~nan], expected[~nan]), dtype
+
+
+def test_grad_scale_and_found_inf(tdevice):
+    shapes = [(4, 16), (2, 8)]
+    tensors = make_case(shapes, frozen=True, grad_dtype=torch.bfloat16, out_dtype=torch.bfloat16,
+                        precond_dtype=torch.float32, device=tdevice, seed=9)
+    for t in tensors:
+        t[1] = (t[1].float() * 1024).to(torch.bfloat16)
+    scale = torch.tensor([1024.0], device=tdevice)
+    kwargs = dict(masked=True, frozen_v=True, n=1, m=4, group_dims=[1, 1], grad_scale=scale)
+    r, t = run_both(tensors, scalars(), found_inf=torch.zeros(1, device=tdevice), **kwargs)
+    check_against_reference(r, t, before=tensors, masked=True, frozen=True, n=1, m=4, dims=[1, 1], out_dtype=torch.bfloat16)
+    before = [[x.clone() for x in row] for row in tensors]
+    w, g, m1, second, out = (list(col) for col in zip(*tensors))
+    totals, _ = ops.fused_step("triton", w, g, m1, second, out, scalars=scalars(),
+                               found_inf=torch.ones(1, device=tdevice), **kwargs)
+    assert totals.abs().sum().item() == 0
+    for row, old in zip(tensors, before):
+        for x, y in zip(row, old):
+            assert torch.equal(x, y), "found_inf must make the step a no-op"
+
+
+def test_deterministic_partial_sums(tdevice):
+    shapes = [(1, 3000), (7, 257), (1,)]
+    tensors = make_case(shapes, frozen=False, grad_dtype=torch.float32, out_dtype=None,
+                        precond_dtype=torch.float32, device=tdevice, seed=21, ties=False)
+    runs = [run_both(tensors, scalars(), masked=False, frozen_v=False, compute_stats=True)[1]["totals"]
+            for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: clear errors naming the tensor, nothing written
+# ---------------------------------------------------------------------------------------------
+
+
+def _lists(device, n=2, shape=(4, 8)):
+    w = [torch.randn(shape, device=device) for _ in range(n)]
+    return w, [torch.randn(shape, device=device) for _ in range(n)], [torch.zeros(shape, device=device) for _ in range(n)], \
+        [torch.zeros(shape, device=device) for _ in range(n)], [None] * n
+
+
+@pytest.mark.parametrize("break_it,match", [
+    (lambda L: L[1].__setitem__(1, torch.randn(8, 4).t()), r"grads\[1\] is not contiguous"),
+    (lambda L: L[2].__setitem__(0, torch.zeros(4, 4)), r"exp_avgs\[0\] has shape"),
+    (lambda L: L[1].__setitem__(0, torch.randn(4, 8, dtype=torch.float64)), r"grads\[0\] has unsupported dtype"),
+    (lambda L: L[1].__setitem__(1, torch.randn(4, 8, dtype=torch.bfloat16)), r"grads\[1\] has dtype .* grads\[0\]"),
+    (lambda L: L[0].__setitem__(1, torch.randn(4, 8, device="meta")), r"weights\[1\] is on meta"),
+    (lambda L: L[3].__setitem__(1, torch.zeros(4, 8, dtype=torch.bfloat16)), r"second_moments\[1\] has unsupported"),
+    (lambda L: L[4].__setitem__(1, torch.zeros(4, 8)), r"model_params\[1\] is a tensor but model_params\[0\] is None"),
+])
+def test_bad_input_names_the_tensor_and_writes_nothing(break_it, match):
+    lists = list(_lists("cpu"))
+    break_it(lists)
+    before = [[x.clone() if x is not None and x.device.type != "meta" else x for x in col] for col in lists]
+    s = scalars()
+    with pytest.raises(ValueError, match=match):
+        ops.fused_step("triton", *lists, masked=False, frozen_v=False, scalars=s)
+    for col, old in zip(lists, before):
+        for x, y in zip(col, old):
+            if x is not None and x.device.type != "meta":
+                assert torch.equal(x, y)
+
+
+def test_bad_groups_and_scalars():
+    w, g, m1, v, out = _lists("cpu", shape=(4, 6))
+    with pytest.raises(ValueError, match=r"weights\[0\]: size 6 of dim 1 .* not divisible by M=4"):
+        ops.fused_step("triton", w, g, m1, v, out, masked=True, frozen_v=False, n=2, m=4, group_dims=[1, 1],
+                       scalars=scalars())
+    with pytest.raises(ValueError, match="M must be a power of two"):
+        ops.fused_step("triton", w, g, m1, v, out, masked=True, frozen_v=False, n=2, m=6, group_dims=[1, 1],
+                       scalars=scalars())
+    with pytest.raises(ValueError, match="found_inf must be a one-element float32 tensor"):
+        ops.fused_step("triton", w, g, m1, v, out, masked=False, frozen_v=False, scalars=scalars(),
+                       found_inf=torch.zeros(2))
+    with pytest.raises(ValueError, match="frozen_v=True requires masked=True"):
+        ops.fused_step("triton", w, g, m1, v, out, masked=False, frozen_v=True, scalars=scalars())
+
+
+def test_cpu_tensors_without_interpreter_fail_clearly(monkeypatch):
+    from step_kernels.triton_kernels.fused_step import fused_step
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    w, g, m1, v, out = _lists("cpu")
+    with pytest.raises(ValueError, match=r"weights\[0\] is on cpu: the Triton kernels need CUDA tensors"):
+        fused_step(w, g, m1, v, out, masked=False, frozen_v=False, **dataclasses.asdict(scalars()))
+    with pytest.raises(sk.BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        sk.STEP([torch.nn.Parameter(torch.randn(4, 4))], backend="triton")
+
+
+# ---------------------------------------------------------------------------------------------
+# through the optimizer
+# ---------------------------------------------------------------------------------------------
+
+
+def test_launches_do_not_grow_with_parameters(tdevice):
+    def launches(layers):
+        torch.manual_seed(0)
+        model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(layers)]).to(tdevice)
+        opt = sk.STEP(sk.sparse_param_groups(model, "2:4", exclude=[]), switch=1, backend="triton")
+        counts = []
+        for _ in range(2):
+            for p in model.parameters():
+                p.grad = torch.randn_like(p)
+            opt.step()
+            counts.append(opt.stats()["kernel_launches"])
+        return counts, len(list(model.parameters()))
+
+    small, n_small = launches(6)
+    large, n_large = launches(60)
+    assert (n_small, n_large) == (12, 120)
+    # step 1 (switch=1, no statistics): one launch for all; then masked (step + partial sums) + biases
+    assert small == large == [1, 3]
+
+
+def _teacher_forced_run(dtype, recipe, steps, device):
+    """Two copies of a model, one per backend, fed the same grads (the reference model's) each step."""
+    from step_kernels.models import TinyGPT
+
+    runs = []
+    for backend in ("reference", "triton"):
+        torch.manual_seed(0)
+        model = TinyGPT(vocab=64, ctx=16, d_model=32, n_layer=1, n_head=2).to(device=device, dtype=dtype)
+        opt = sk.STEP(sk.sparse_param_groups(model), lr=3e-3, weight_decay=0.01, betas=(0.9, 0.95), recipe=recipe,
+                      switch=sk.AutoSwitch(max_step=steps // 2, threshold=1e-6), backend=backend)
+        runs.append((model, opt))
+    (m_ref, o_ref), (m_tri, o_tri) = runs
+    assert o_tri.backend == "triton"
+    history = []
+    for step in range(steps):
+        o_ref.zero_grad()
+        gen = torch.Generator().manual_seed(1000 + step)
+        idx = torch.randint(0, 64, (4, 17), generator=gen).to(device)
+        m_ref.loss(idx[:, :-1], idx[:, 1:]).backward()
+        for p, q in zip(m_ref.parameters(), m_tri.parameters()):
+            q.grad = p.grad.clone()
+        o_ref.step()
+        o_tri.step()
+        history.append((o_ref.phase, o_tri.phase, o_ref.stats()["flip_rate"], o_tri.stats()["flip_rate"]))
+    return (m_ref, o_ref), (m_tri, o_tri), history
+
+
+@pytest.mark.parametrize("dtype,recipe", [(torch.float32, "step"), (torch.bfloat16, "step")])
+def test_optimizer_50_steps_through_the_switch_equals_reference(dtype, recipe, tdevice):
+    (m_ref, o_ref), (m_tri, o_tri), history = _teacher_forced_run(dtype, recipe, 50, tdevice)
+    assert o_ref.switch_step == o_tri.switch_step is not None and o_tri.switch_step < 50
+    for ref_phase, tri_phase, ref_flips, tri_flips in history:
+        assert ref_phase == tri_phase and ref_flips == tri_flips
+    assert o_ref.stats()["z_history"] == pytest.approx(o_tri.stats()["z_history"], rel=1e-5)
+    for (name, p), q in zip(m_ref.named_parameters(), m_tri.parameters()):
+        s_ref, s_tri = o_ref.state[p], o_tri.state[q]
+        assert set(s_ref) == set(s_tri), name
+        for key in s_ref:
+            # 50 steps of one-ulp differences (torch's CPU sqrt): relative 1e-5 of the tensor's scale
+            scale = s_ref[key].float().abs().max().item()
+            torch.testing.assert_close(s_tri[key].float(), s_ref[key].float(), rtol=1e-5, atol=1e-5 * scale,
+                                       msg=f"{name}:{key}")
+        master = s_tri.get("master", q)
+        group = next(g for g in o_tri.param_groups if any(x is q for x in g["params"]))
+        if group.get("sparsity") is not None:
+            keep = ref.nm_mask(master, 2, 4, group["nm_dim"])
+            assert torch.equal(keep, ref.nm_mask(s_ref.get("master", p), 2, 4, group["nm_dim"])), name
+            assert torch.equal(q.detach(), torch.where(keep, master, torch.zeros(())).to(dtype)), name
+        else:
+            assert torch.equal(q.detach(), master.to(dtype)), name
