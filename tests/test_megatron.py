@@ -336,6 +336,13 @@ def check_sharded_matches_replicated(res, where):
             assert got["masters"], here
             for name, (start, end, master) in got["masters"].items():
                 assert torch.equal(master, want["masters"][name][2][start:end]), here + name
+        # state_dict() at step 20 (phase 2), loaded into a fresh DDP and optimizer, resumes exactly
+        resumed, full = res[dtype]["fixed-resumed"], res[dtype]["fixed-sharded"]
+        assert resumed["switch_step"] == common.SWITCH and resumed["step"] == common.STEPS
+        for name, param in full["params"].items():
+            assert torch.equal(resumed["params"][name], param), f"{where} {dtype} resumed {name}"
+        for name, (_, _, master) in full["masters"].items():
+            assert torch.equal(resumed["masters"][name][2], master), f"{where} {dtype} resumed {name}"
 
 
 def test_distributed_optimizer_matches_replicated(mcore, tmp_path):

@@ -15,6 +15,7 @@ stand-in; the grad reduce-scatter, the range maps and the param all-gather are M
 ``gpu-distopt`` (one process, CUDA) runs the same comparison without the patch.
 """
 
+import copy
 import datetime
 import os
 import sys
@@ -126,7 +127,6 @@ def run_bad(tp, out):
                                  gradient_accumulation_fusion=False)
     opt_config = OptimizerConfig(optimizer="adam", lr=1e-2, clip_grad=0.0)
     rank = dist.get_rank()
-    results = {}
 
     def row_parallel_split():  # 24 inputs over 2 ranks: 12 per rank, not divisible by M=8
         torch.manual_seed(0)
@@ -147,8 +147,14 @@ def run_bad(tp, out):
         get_step_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, use_distributed_optimizer=True),
                            [MegatronNet(config)], "2:4", backend="reference")
 
-    for name, build in (("row_parallel_split", row_parallel_split), ("mismatched_nm", mismatched_nm),
-                        ("replicated_target", replicated_target), ("distributed_optimizer", distributed_optimizer)):
+    return record_errors((("row_parallel_split", row_parallel_split), ("mismatched_nm", mismatched_nm),
+                          ("replicated_target", replicated_target), ("distributed_optimizer", distributed_optimizer)))
+
+
+def record_errors(builds):
+    """{name: "Type: message" of the error ``build()`` raised, or None}, for each ``(name, build)``."""
+    results = {}
+    for name, build in builds:
         try:
             build()
             results[name] = None
@@ -206,35 +212,56 @@ def distopt_summary(ddp, opt):
 
 def run_distopt(dtype_name, device="cpu"):
     """DDP (data parallel over every rank) with and without the distributed optimizer, each rank
-    on its micro-batch of the global batch; fixed switch and AutoSwitch."""
+    on its micro-batch of the global batch; fixed switch and AutoSwitch. The fixed-switch
+    sharded run also saves its state at step 20, and a fresh DDP and optimizer resume from it."""
     from megatron.core.transformer import TransformerConfig
 
     dtype = DTYPES[dtype_name]
     config = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=1, use_cpu_initialization=True,
                                gradient_accumulation_fusion=False, params_dtype=dtype, bf16=dtype == torch.bfloat16)
     rank, world = dist.get_rank(), dist.get_world_size()
+
+    def build(kind, distributed, seed=0):
+        torch.manual_seed(seed)
+        ddp = build_ddp(config, MegatronNet(config, hidden=DISTOPT_HIDDEN).to(device), distributed)
+        opt_config = OptimizerConfig(optimizer="adam", lr=1e-2, adam_beta1=common.BETAS[0],
+                                     adam_beta2=common.BETAS[1], weight_decay=0.01, clip_grad=0.0,
+                                     bf16=dtype == torch.bfloat16, params_dtype=dtype,
+                                     use_distributed_optimizer=distributed)
+        switch = common.SWITCH if kind == "fixed" else sk.AutoSwitch(threshold=DISTOPT_THRESHOLD)
+        # On a GPU the shards run through the Triton kernels (the same backend in both runs).
+        backend = "auto" if device == "cuda" else "reference"
+        return ddp, get_step_optimizer(opt_config, [ddp], "2:4", switch=switch, backend=backend)
+
+    def train(ddp, opt, start, stop):
+        for step in range(start, stop):
+            ddp.zero_grad_buffer()
+            opt.zero_grad()
+            x, y = common.micro_batch(step, rank, world)
+            loss = torch.nn.functional.mse_loss(ddp(x.to(device, dtype)).float(), y.to(device))
+            loss.backward()
+            ddp.finish_grad_sync()
+            success, _, _ = opt.step()
+            assert success
+
     results = {}
     for kind in ("fixed", "auto"):
         for distributed in (False, True):
-            torch.manual_seed(0)
-            ddp = build_ddp(config, MegatronNet(config, hidden=DISTOPT_HIDDEN).to(device), distributed)
-            opt_config = OptimizerConfig(optimizer="adam", lr=1e-2, adam_beta1=common.BETAS[0],
-                                         adam_beta2=common.BETAS[1], weight_decay=0.01, clip_grad=0.0,
-                                         bf16=dtype == torch.bfloat16, params_dtype=dtype,
-                                         use_distributed_optimizer=distributed)
-            switch = common.SWITCH if kind == "fixed" else sk.AutoSwitch(threshold=DISTOPT_THRESHOLD)
-            # On a GPU the shards run through the Triton kernels (the same backend in both runs).
-            backend = "auto" if device == "cuda" else "reference"
-            opt = get_step_optimizer(opt_config, [ddp], "2:4", switch=switch, backend=backend)
-            for step in range(common.STEPS):
-                ddp.zero_grad_buffer()
-                opt.zero_grad()
-                x, y = common.micro_batch(step, rank, world)
-                loss = torch.nn.functional.mse_loss(ddp(x.to(device, dtype)).float(), y.to(device))
-                loss.backward()
-                ddp.finish_grad_sync()
-                success, _, _ = opt.step()
-                assert success
+            ddp, opt = build(kind, distributed)
+            if kind == "fixed" and distributed:
+                train(ddp, opt, 0, 20)
+                saved_params = [p.detach().clone() for p in ddp.module.parameters()]
+                saved_state = copy.deepcopy(opt.state_dict())
+                train(ddp, opt, 20, common.STEPS)
+                fresh, fresh_opt = build(kind, distributed, seed=1)
+                with torch.no_grad():
+                    for p, saved in zip(fresh.module.parameters(), saved_params):
+                        p.copy_(saved)
+                fresh_opt.load_state_dict(saved_state)
+                train(fresh, fresh_opt, 20, common.STEPS)
+                results["fixed-resumed"] = distopt_summary(fresh, fresh_opt)
+            else:
+                train(ddp, opt, 0, common.STEPS)
             results[f"{kind}-{'sharded' if distributed else 'replicated'}"] = distopt_summary(ddp, opt)
     return results
 
@@ -279,7 +306,6 @@ def run_distopt_bad():
                                gradient_accumulation_fusion=False)
     opt_config = OptimizerConfig(optimizer="adam", lr=1e-2, clip_grad=0.0, use_distributed_optimizer=True)
     rank = dist.get_rank()
-    results = {}
 
     def mismatched_nm():
         torch.manual_seed(0)
@@ -292,14 +318,8 @@ def run_distopt_bad():
     def split_any_padding():  # DP=4096, M=32: shards of multiples of 16 elements even with the busbw padding
         distributed_optimizer_shards(*standin_buffer(4096, True, shapes=((16, 64), (16,), (8, 32)), m=32))
 
-    for name, build in (("mismatched_nm", mismatched_nm), ("split_default_padding", split_default_padding),
-                        ("split_any_padding", split_any_padding)):
-        try:
-            build()
-            results[name] = None
-        except (ValueError, NotImplementedError) as exc:
-            results[name] = f"{type(exc).__name__}: {exc}"
-        dist.barrier()  # every rank got here: nobody hangs in a collective
+    results = record_errors((("mismatched_nm", mismatched_nm), ("split_default_padding", split_default_padding),
+                             ("split_any_padding", split_any_padding)))
     # The busbw padding aligns DP=64: every rank's shards, together, cover every parameter once.
     buffers, targets = standin_buffer(64, True)
     covered = {p: torch.zeros(p.numel(), dtype=torch.int32) for p in buffers[0].params}
