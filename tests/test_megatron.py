@@ -329,6 +329,7 @@ def check_sharded_matches_replicated(res, where):
             assert got["switch_step"] == want["switch_step"] == switch, here
             assert got["written_from_masters"] and want["written_from_masters"], here
             assert got["buckets"] >= 2, here
+            assert got["overlap_param_gather"] == (kind == "auto"), here  # both ways of gathering params
             assert got["z_history"] == pytest.approx(want["z_history"], rel=1e-5), here
             assert got["flip_rate"] == pytest.approx(want["flip_rate"], rel=1e-6), here
             for name, param in want["params"].items():

@@ -174,13 +174,13 @@ DISTOPT_BUCKET = 700
 DISTOPT_THRESHOLD = 9.4e-6
 
 
-def build_ddp(config, model, distributed, bucket_size=DISTOPT_BUCKET):
+def build_ddp(config, model, distributed, bucket_size=DISTOPT_BUCKET, overlap_param_gather=False):
     """``model`` in Megatron's DistributedDataParallel. Without CUDA, DDP's buffers (allocated on
     ``torch.cuda.current_device()``) go to the CPU: the one call is patched while DDP is built."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=distributed, overlap_grad_reduce=True,
-                                               bucket_size=bucket_size)
+                                               overlap_param_gather=overlap_param_gather, bucket_size=bucket_size)
     if torch.cuda.is_available():
         return DistributedDataParallel(config, ddp_config, model)
     with mock.patch("torch.cuda.current_device", return_value="cpu"):
@@ -207,13 +207,16 @@ def distopt_summary(ddp, opt):
             "masters": masters, "written_from_masters": all(written), "switch_step": opt.switch_step,
             "phase": opt.phase, "step": stats["step"], "z_history": stats["z_history"],
             "flip_rate": stats["flip_rate"], "shards": [(names[p], s, e) for _, p, s, e in opt.shards],
-            "buckets": sum(len(b.buckets) for b in ddp.buffers)}
+            "buckets": sum(len(b.buckets) for b in ddp.buffers),
+            "overlap_param_gather": ddp.ddp_config.overlap_param_gather}
 
 
 def run_distopt(dtype_name, device="cpu"):
     """DDP (data parallel over every rank) with and without the distributed optimizer, each rank
     on its micro-batch of the global batch; fixed switch and AutoSwitch. The fixed-switch
-    sharded run also saves its state at step 20, and a fresh DDP and optimizer resume from it."""
+    sharded run also saves its state at step 20, and a fresh DDP and optimizer resume from it.
+    The AutoSwitch sharded run overlaps DDP's param all-gather with the next forward (its
+    forward pre-hook gathers what the optimizer wrote), the others all-gather in the step."""
     from megatron.core.transformer import TransformerConfig
 
     dtype = DTYPES[dtype_name]
@@ -223,7 +226,9 @@ def run_distopt(dtype_name, device="cpu"):
 
     def build(kind, distributed, seed=0):
         torch.manual_seed(seed)
-        ddp = build_ddp(config, MegatronNet(config, hidden=DISTOPT_HIDDEN).to(device), distributed)
+        overlap = distributed and kind == "auto"
+        ddp = build_ddp(config, MegatronNet(config, hidden=DISTOPT_HIDDEN).to(device), distributed,
+                        overlap_param_gather=overlap)
         opt_config = OptimizerConfig(optimizer="adam", lr=1e-2, adam_beta1=common.BETAS[0],
                                      adam_beta2=common.BETAS[1], weight_decay=0.01, clip_grad=0.0,
                                      bf16=dtype == torch.bfloat16, params_dtype=dtype,
@@ -243,6 +248,8 @@ def run_distopt(dtype_name, device="cpu"):
             ddp.finish_grad_sync()
             success, _, _ = opt.step()
             assert success
+        if ddp.ddp_config.overlap_param_gather:
+            ddp.start_param_sync(force_sync=True)  # the gather the next forward would do
 
     results = {}
     for kind in ("fixed", "auto"):
