@@ -26,16 +26,19 @@ Megatron's own range-map code (``DistributedOptimizer._build_gbuf_range_map``) f
 and checked with :func:`check_shard_alignment`: a shard must hold whole N:M groups. Megatron pads
 every parameter's start to 64 elements and every bucket to ``lcm(dp, 128)`` (``lcm(dp, 128, 2**16)``
 with ``pad_buckets_for_high_nccl_busbw=True``), so shards are multiples of ``128 / gcd(dp, 128)``
-elements and stay aligned for M <= 32 up to DP = 4 (2:4 up to DP = 32); beyond that the error, raised
-on every rank from the layout alone, says which padding setting would align them. STEP then runs on
+elements: whole groups for any M <= 32 when the largest power of two dividing the DP size is at
+most 4 (for 2:4, at most 32). Otherwise the ``ValueError``, raised on every rank from the layout
+alone, says whether ``pad_buckets_for_high_nccl_busbw=True`` would align them. STEP then runs on
 this rank's shards (a target's shard is viewed as ``[rows, M]``: groups are M consecutive
 elements of the flattened ``[out, in]`` weight), takes the reduce-scattered grads from
 ``main_grad``, writes ``mask(w) * w`` into its shard of the bf16/fp32 model parameters (which are
 views of DDP's param buffer) and lets DDP's ``start_param_sync`` all-gather them, as Megatron's
 ``DistributedOptimizer.step_with_ready_grads`` does. The AutoSwitch sums and flip counts are
 summed over the TP group and the DP group. Megatron's ``DistributedOptimizer`` class itself is not
-instantiated (its ``__init__`` accepts only torch/TE Adam); expert-parallel buffers and several
-distributed-optimizer instances are not supported.
+instantiated: its ``__init__`` accepts only an Adam/AdamW/HybridDeviceOptimizer inner optimizer and
+makes its own 1-D fp32 copies, and its dist-checkpointing formats assume Adam's state. Expert-parallel
+buffers and several distributed-optimizer instances are not supported. ``state_dict()`` holds this
+rank's shards: save and load it per rank with the same DP layout.
 """
 
 from __future__ import annotations
@@ -238,21 +241,21 @@ class _ShardedSTEP(DistributedSTEP):
                 continue
             _, m = parse_sparsity(group["sparsity"], f"param_groups[{gi}]: sparsity")
             for i, p in enumerate(group["params"]):
-                name = (group.get("param_names") or [])[i:i + 1] or [f"param_groups[{gi}]['params'][{i}]"]
                 if group.get("nm_dim") is not None and group["nm_dim"] % 2 == 0:
-                    raise ValueError(f"{name[0]}: groups along dim 0 (a Conv1D layout) are strided in the flattened "
-                                     "weight and cannot be sharded by Megatron's distributed optimizer")
-                targets[p] = (name[0], m)
+                    raise ValueError(f"{self._param_name(group, gi, i)}: groups along dim 0 (a Conv1D layout) are "
+                                     "strided in the flattened weight and cannot be sharded by Megatron's distributed "
+                                     "optimizer")
+                targets[p] = (self._param_name(group, gi, i), m)
         buffered = {p for buffer in self._buffers for p in buffer.param_index_map}
         for gi, group in enumerate(groups):
             for i, p in enumerate(group["params"]):
-                if p not in buffered:
-                    name = (group.get("param_names") or [])[i:i + 1] or [f"param_groups[{gi}]['params'][{i}]"]
-                    raise ValueError(f"{name[0]}: not in the grad buffers of Megatron's DistributedDataParallel "
-                                     "(frozen, or its chunk not wrapped): the distributed optimizer cannot update it")
+                if p.requires_grad and p not in buffered:
+                    raise ValueError(f"{self._param_name(group, gi, i)}: not in the grad buffers of Megatron's "
+                                     "DistributedDataParallel (added after DDP was built?): the distributed "
+                                     "optimizer cannot update it")
         owned = distributed_optimizer_shards(self._buffers, targets)
         local = []
-        for group in groups:
+        for gi, group in enumerate(groups):
             params, names = [], []
             for i, p in enumerate(group["params"]):
                 if p not in owned:
@@ -266,8 +269,7 @@ class _ShardedSTEP(DistributedSTEP):
                     shard.shared = p.shared
                 self.shards.append((shard, p, start, end))
                 params.append(shard)
-                base = (group.get("param_names") or [])[i:i + 1] or [f"param{i}"]
-                names.append(f"{base[0]}[{start}:{end}]")
+                names.append(f"{self._param_name(group, gi, i)}[{start}:{end}]")
             local.append(dict(group, params=params, param_names=names))
         return local
 

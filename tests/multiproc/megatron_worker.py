@@ -319,13 +319,26 @@ def run_distopt_bad():
         ddp = build_ddp(config, MegatronNet(config, hidden=DISTOPT_HIDDEN), True)
         get_step_optimizer(opt_config, [ddp], "2:4" if rank == 0 else "1:4", backend="reference")
 
+    def conv1d_target():  # groups along dim 0 are strided in the flattened weight
+        torch.manual_seed(0)
+        model = MegatronNet(config, hidden=DISTOPT_HIDDEN)
+        model.proj = common.Conv1D(16, 16)
+        get_step_optimizer(opt_config, [build_ddp(config, model, True)], "2:4", backend="reference")
+
+    def unbuffered_param():  # added after DDP built its buffers
+        torch.manual_seed(0)
+        ddp = build_ddp(config, MegatronNet(config, hidden=DISTOPT_HIDDEN), True)
+        ddp.module.extra = torch.nn.Linear(16, 16)
+        get_step_optimizer(opt_config, [ddp], "2:4", backend="reference")
+
     def split_default_padding():  # DP=64: shards are multiples of 2 elements
         distributed_optimizer_shards(*standin_buffer(64, False))
 
     def split_any_padding():  # DP=4096, M=32: shards of multiples of 16 elements even with the busbw padding
         distributed_optimizer_shards(*standin_buffer(4096, True, shapes=((16, 64), (16,), (8, 32)), m=32))
 
-    results = record_errors((("mismatched_nm", mismatched_nm), ("split_default_padding", split_default_padding),
+    results = record_errors((("mismatched_nm", mismatched_nm), ("conv1d_target", conv1d_target),
+                             ("unbuffered_param", unbuffered_param), ("split_default_padding", split_default_padding),
                              ("split_any_padding", split_any_padding)))
     # The busbw padding aligns DP=64: every rank's shards, together, cover every parameter once.
     buffers, targets = standin_buffer(64, True)
