@@ -232,6 +232,13 @@ class _ShardedSTEP(DistributedSTEP):
         self.shards: List[Tuple[Tensor, Tensor, int, int]] = []
         super().__init__(params, *args, **kwargs)
 
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Only while the optimizer is built: the shards come from DDP's buffers, built once."""
+        if not getattr(self, "_agreeing", True):
+            raise NotImplementedError("add_param_group: under Megatron's distributed optimizer the param groups are "
+                                      "fixed when the optimizer is built (its shards come from DDP's grad buffers)")
+        super().add_param_group(param_group)
+
     def _local_groups(self, groups: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         from megatron.core.tensor_parallel import copy_tensor_model_parallel_attributes
 

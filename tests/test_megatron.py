@@ -367,6 +367,7 @@ def test_distributed_optimizer_matches_replicated(mcore, tmp_path):
     assert "ranks disagree on param_groups[0] sparsity: rank 0 has '2:4', rank 1 has '1:4'" in bad["mismatched_nm"]
     assert "proj.weight: groups along dim 0 (a Conv1D layout) are strided" in bad["conv1d_target"]
     assert "extra.weight: not in the grad buffers of Megatron's DistributedDataParallel" in bad["unbuffered_param"]
+    assert bad["add_group_later"].startswith("NotImplementedError: add_param_group: under Megatron's distributed")
     assert bad["split_default_padding"].startswith(
         "ValueError: layer0.weight: the optimizer shard [0, 6) of the flattened weight splits an N:M group of M=4")
     assert ("DP rank 4's shard of bucket 1 under Megatron's distributed optimizer with DP size 64: set "

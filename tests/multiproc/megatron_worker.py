@@ -331,6 +331,12 @@ def run_distopt_bad():
         ddp.module.extra = torch.nn.Linear(16, 16)
         get_step_optimizer(opt_config, [ddp], "2:4", backend="reference")
 
+    def add_group_later():
+        torch.manual_seed(0)
+        ddp = build_ddp(config, MegatronNet(config, hidden=DISTOPT_HIDDEN), True)
+        opt = get_step_optimizer(opt_config, [ddp], "2:4", backend="reference")
+        opt.optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(4))]})
+
     def split_default_padding():  # DP=64: shards are multiples of 2 elements
         distributed_optimizer_shards(*standin_buffer(64, False))
 
@@ -338,7 +344,8 @@ def run_distopt_bad():
         distributed_optimizer_shards(*standin_buffer(4096, True, shapes=((16, 64), (16,), (8, 32)), m=32))
 
     results = record_errors((("mismatched_nm", mismatched_nm), ("conv1d_target", conv1d_target),
-                             ("unbuffered_param", unbuffered_param), ("split_default_padding", split_default_padding),
+                             ("unbuffered_param", unbuffered_param), ("add_group_later", add_group_later),
+                             ("split_default_padding", split_default_padding),
                              ("split_any_padding", split_any_padding)))
     # The busbw padding aligns DP=64: every rank's shards, together, cover every parameter once.
     buffers, targets = standin_buffer(64, True)
