@@ -317,12 +317,12 @@ def test_megatron_ddp_clip_and_loss_scale_on_gpu(mcore, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def check_sharded_matches_replicated(res, where):
+def check_sharded_matches_replicated(res, where, dtypes=("fp32", "bf16")):
     """The distributed optimizer's run equals DDP without it: every rank's grads are the same
     (a reduce-scatter and an all-reduce add the same two values), and STEP's update is elementwise
     with groups whole in every shard, so masters and parameters are bit-identical; only the
-    AutoSwitch sums are added in another order (per shard, then over DP)."""
-    for dtype in ("fp32", "bf16"):
+    AutoSwitch sums are added in another order (per shard, then over TP and DP)."""
+    for dtype in dtypes:
         for kind, switch in (("fixed", common.SWITCH), ("auto", 14)):
             here = f"{where} {dtype} {kind}"
             want, got = res[dtype][f"{kind}-replicated"], res[dtype][f"{kind}-sharded"]
@@ -375,6 +375,16 @@ def test_distributed_optimizer_matches_replicated(mcore, tmp_path):
     assert "splits an N:M group of M=32" in bad["split_any_padding"]
     assert "no Megatron padding setting aligns them at DP size 4096" in bad["split_any_padding"]
     assert bad["aligned_cover_once"] is True
+
+
+def test_distributed_optimizer_with_tensor_parallel(mcore, tmp_path):
+    """4 gloo ranks, TP=2 x DP=2: the statistics are summed over both groups (fp32 only)."""
+    launch(os.path.join(HERE, "multiproc", "megatron_worker.py"), tmp_path, "distopt", nproc=4)
+    for rank in range(4):
+        res = torch.load(os.path.join(tmp_path, f"megatron-distopt-rank{rank}.pt"), weights_only=False)
+        check_sharded_matches_replicated(res, f"rank {rank}", dtypes=("fp32",))
+        # fc2 (RowParallelLinear) holds 24 of the 48 inputs on each TP rank: [16, 24] locally
+        assert res["fp32"]["fixed-replicated"]["params"]["fc2.weight"].shape == (16, 24)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Megatron's DistributedDataParallel allocates on CUDA")

@@ -165,9 +165,9 @@ def record_errors(builds):
 
 
 # Distributed optimizer runs: fc2's rows hold 48 inputs, so shards (multiples of 64 elements at DP=2)
-# end inside rows; a 700-element bucket size gives several buckets.
+# end inside rows; a 500-element bucket size gives two buckets (TP=1 and TP=2).
 DISTOPT_HIDDEN = 48
-DISTOPT_BUCKET = 700
+DISTOPT_BUCKET = 500
 # Read off a DP=2 run without the distributed optimizer: the 10-step window mean of Z is 9.86e-6
 # at step 13 and 8.88e-6 at step 14 (fp32 and bf16 alike to 0.2%), so AutoSwitch switches at 14
 # with margins of about 5%.
@@ -212,8 +212,9 @@ def distopt_summary(ddp, opt):
 
 
 def run_distopt(dtype_name, device="cpu"):
-    """DDP (data parallel over every rank) with and without the distributed optimizer, each rank
-    on its micro-batch of the global batch; fixed switch and AutoSwitch. The fixed-switch
+    """DDP with and without the distributed optimizer, each data-parallel rank on its micro-batch
+    of the global batch, under the tensor parallelism of ``parallel_state``; fixed switch and
+    AutoSwitch. The fixed-switch
     sharded run also saves its state at step 20, and a fresh DDP and optimizer resume from it.
     The AutoSwitch sharded run overlaps DDP's param all-gather with the next forward (its
     forward pre-hook gathers what the optimizer wrote), the others all-gather in the step."""
@@ -222,7 +223,7 @@ def run_distopt(dtype_name, device="cpu"):
     dtype = DTYPES[dtype_name]
     config = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=1, use_cpu_initialization=True,
                                gradient_accumulation_fusion=False, params_dtype=dtype, bf16=dtype == torch.bfloat16)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
 
     def build(kind, distributed, seed=0):
         torch.manual_seed(seed)
@@ -242,7 +243,7 @@ def run_distopt(dtype_name, device="cpu"):
         for step in range(start, stop):
             ddp.zero_grad_buffer()
             opt.zero_grad()
-            x, y = common.micro_batch(step, rank, world)
+            x, y = common.micro_batch(step, dp_rank, dp_size)
             loss = torch.nn.functional.mse_loss(ddp(x.to(device, dtype)).float(), y.to(device))
             loss.backward()
             ddp.finish_grad_sync()
@@ -403,10 +404,13 @@ def main():
         dist.destroy_process_group()
         return
     if sys.argv[2:] == ["distopt"]:
+        # 2 ranks: DP=2, both dtypes and the bad configurations; 4 ranks: TP=2 x DP=2, fp32.
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
-        results = {dtype: run_distopt(dtype) for dtype in DTYPES}
-        results["bad"] = run_distopt_bad()
+        tp = 2 if dist.get_world_size() == 4 else 1
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+        results = {dtype: run_distopt(dtype) for dtype in (DTYPES if tp == 1 else ["fp32"])}
+        if tp == 1:
+            results["bad"] = run_distopt_bad()
         parallel_state.destroy_model_parallel()
         torch.save(results, os.path.join(out, f"megatron-distopt-rank{dist.get_rank()}.pt"))
         dist.barrier()
