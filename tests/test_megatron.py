@@ -6,10 +6,10 @@ ColumnParallelLinear/RowParallelLinear with TP=2 and compares with TP=1. Megatro
 its DistributedDataParallel and its grad-norm code allocate on CUDA: they are exercised by
 test_megatron_ddp_clip_and_loss_scale_on_gpu only, which needs a GPU.
 
-The distributed optimizer: a second 2-process job trains under Megatron's real
-DistributedDataParallel (its buffers moved to the CPU by patching ``torch.cuda.current_device``
-while it is built) with and without ``use_distributed_optimizer``; the shard layouts of large DP
-sizes are built by Megatron's own buffer code on stand-in groups.
+The distributed optimizer: a second 2-process job (DP=2) and a 4-process one (TP=2 x DP=2) train
+under Megatron's real DistributedDataParallel (its buffers moved to the CPU by patching
+``torch.cuda.current_device`` while it is built) with and without ``use_distributed_optimizer``;
+the shard layouts of large DP sizes are built by Megatron's own buffer code on stand-in groups.
 test_distributed_optimizer_on_gpu runs the comparison on CUDA without the patch.
 """
 
@@ -313,7 +313,7 @@ def test_megatron_ddp_clip_and_loss_scale_on_gpu(mcore, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Megatron's distributed optimizer: 2 gloo ranks (DP=2), and the same comparison on a GPU
+# Megatron's distributed optimizer: gloo ranks (DP=2; TP=2 x DP=2), and the same comparison on a GPU
 # ---------------------------------------------------------------------------------------------
 
 
