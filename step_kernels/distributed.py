@@ -143,11 +143,17 @@ class DistributedSTEP(STEP):
         error: Optional[BaseException] = None
         try:
             self._check_layouts(groups, kwargs.get("recipe", "step"))
-            super().__init__(groups, *args, **kwargs)
+            super().__init__(self._local_groups(groups), *args, **kwargs)
         except Exception as exc:  # any error: the other ranks must hear of it, not wait for us
             error = exc
         self._agree(error, self._fingerprint(groups, args, kwargs))
         self._agreeing = False
+
+    def _local_groups(self, groups: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """The param groups this rank updates, given the groups it was built with (the same here;
+        a subclass may map parameters to the shards the rank owns). Its errors reach every rank;
+        the ranks agree on the configuration of the groups given, not of the local ones."""
+        return groups
 
     # -----------------------------------------------------------------------------------------
     # groups, layouts and agreement

@@ -19,13 +19,31 @@ and the TP size named). The AutoSwitch sums and flip counts are summed over the 
 parallel replicas hold identical grads and are only checked for agreement when the optimizer is
 built.
 
-Not supported: Megatron's ``DistributedOptimizer`` (``use_distributed_optimizer=True``), whose
-1-D shards of the flattened grad buffer can end inside an N:M group; it raises
-``NotImplementedError``. :func:`check_shard_alignment` is the check such shards must pass.
+Megatron's distributed optimizer (``use_distributed_optimizer=True`` in both the
+``DistributedDataParallelConfig`` and the ``OptimizerConfig``): each data-parallel rank owns one
+contiguous 1-D shard of every bucket of DDP's flattened grad buffer. The shards are computed by
+Megatron's own range-map code (``DistributedOptimizer._build_gbuf_range_map``) for every DP rank
+and checked with :func:`check_shard_alignment`: a shard must hold whole N:M groups. Megatron pads
+every parameter's start to 64 elements and every bucket to ``lcm(dp, 128)`` (``lcm(dp, 128, 2**16)``
+with ``pad_buckets_for_high_nccl_busbw=True``), so shards are multiples of ``128 / gcd(dp, 128)``
+elements: whole groups for any M <= 32 when the largest power of two dividing the DP size is at
+most 4 (for 2:4, at most 32). Otherwise the ``ValueError``, raised on every rank from the layout
+alone, says whether ``pad_buckets_for_high_nccl_busbw=True`` would align them. STEP then runs on
+this rank's shards (a target's shard is viewed as ``[rows, M]``: groups are M consecutive
+elements of the flattened ``[out, in]`` weight), takes the reduce-scattered grads from
+``main_grad``, writes ``mask(w) * w`` into its shard of the bf16/fp32 model parameters (which are
+views of DDP's param buffer) and lets DDP's ``start_param_sync`` all-gather them, as Megatron's
+``DistributedOptimizer.step_with_ready_grads`` does. The AutoSwitch sums and flip counts are
+summed over the TP group and the DP group. Megatron's ``DistributedOptimizer`` class itself is not
+instantiated: its ``__init__`` accepts only an Adam/AdamW/HybridDeviceOptimizer inner optimizer and
+makes its own 1-D fp32 copies, and its dist-checkpointing formats assume Adam's state. Expert-parallel
+buffers and several distributed-optimizer instances are not supported. ``state_dict()`` holds this
+rank's shards: save and load it per rank with the same DP layout.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -39,7 +57,7 @@ from .targets import DEFAULT_EXCLUDE_NAMES, PARALLEL_LINEAR_TYPES, find_targets,
 # MegatronSTEP (built on first access, as it subclasses Megatron's MegatronOptimizer) is left out
 # of __all__ so that a star import never needs megatron-core.
 __all__ = ["get_step_optimizer", "megatron_param_groups", "check_tensor_parallel", "check_shard_alignment",
-           "PARALLEL_LINEAR_TYPES", "MEGATRON_EXCLUDE"]
+           "distributed_optimizer_shards", "PARALLEL_LINEAR_TYPES", "MEGATRON_EXCLUDE"]
 
 # Megatron's output layer is a ColumnParallelLinear named "output_layer": excluded like lm_head.
 MEGATRON_EXCLUDE = [DEFAULT_EXCLUDE_NAMES, r"(^|\.)output_layer$"]
@@ -89,6 +107,81 @@ def check_shard_alignment(ranges: Iterable[Tuple[str, int, int, int]], m: int) -
                              f"N:M group of M={m} (its ends must be multiples of {m})")
 
 
+class _GroupAsRank:
+    """A process group as seen from another of its ranks (only ``rank()`` and ``size()``)."""
+
+    def __init__(self, group, rank: int):
+        self._size, self._rank = group.size(), rank
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self) -> int:
+        return self._size
+
+
+class _BufferAsRank:
+    """A Megatron grad buffer as DP rank ``rank`` sees it, for Megatron's range-map code, so every
+    rank can compute every other rank's shards without communicating."""
+
+    def __init__(self, buffer, rank: int):
+        self._buffer = buffer
+        self.data_parallel_group = _GroupAsRank(buffer.data_parallel_group, rank)
+
+    def __getattr__(self, name):
+        return getattr(self._buffer, name)
+
+
+def _alignment_hint(dp: int, m: int) -> str:
+    """How to make Megatron's padding give shards of whole groups of ``m`` at DP size ``dp``."""
+    # Buckets are padded to lcm(dp, 128) (lcm(dp, 128, 2**16) with pad_buckets_for_high_nccl_busbw),
+    # parameters start at multiples of 64: shards are multiples of that lcm / dp.
+    if (math.lcm(dp, 128) // dp) % m == 0:
+        return "Megatron's padding should have aligned them: was the buffer built by another Megatron version?"
+    if (math.lcm(dp, 128, 2**16) // dp) % m == 0:
+        return ("set DistributedDataParallelConfig(pad_buckets_for_high_nccl_busbw=True): buckets padded to "
+                f"lcm(dp, 128, 2**16) give shards of multiples of {math.lcm(dp, 128, 2**16) // dp} elements")
+    return (f"no Megatron padding setting aligns them at DP size {dp}: use a smaller M, a DP size with fewer "
+            "factors of 2, or use_distributed_optimizer=False")
+
+
+def distributed_optimizer_shards(buffers: Sequence[Any], targets: Dict[Tensor, Tuple[str, int]]
+                                 ) -> Dict[Tensor, Tuple[int, int]]:
+    """This rank's shard ``[start, end)`` of every parameter (flattened) under Megatron's
+    distributed optimizer, from Megatron's own range map of each grad buffer.
+
+    ``targets`` maps each N:M target parameter (a ``[out, in]`` weight) to ``(name, M)``. The
+    shards of *every* data-parallel rank are computed (Megatron's
+    ``DistributedOptimizer._build_gbuf_range_map`` on the buffer as that rank sees it) and checked
+    with :func:`check_shard_alignment`, so a shard that would split an N:M group raises the same
+    ``ValueError`` on every rank, naming the parameter, the rank, the bucket and the padding
+    setting that would align it. Parameters this rank owns no part of are left out.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    owned: Dict[Tensor, Tuple[int, int]] = {}
+    for buffer in buffers:
+        group = buffer.data_parallel_group
+        dp, me = group.size(), group.rank()
+        for rank in range(dp):
+            view = buffer if rank == me else _BufferAsRank(buffer, rank)
+            (bucket_maps,) = DistributedOptimizer._build_gbuf_range_map(view).values()
+            for bucket_index, bucket_map in enumerate(bucket_maps):
+                for param, ranges in bucket_map["param_map"].items():
+                    start, end = ranges["param"].start, ranges["param"].end
+                    if param in targets:
+                        name, m = targets[param]
+                        try:
+                            check_shard_alignment([(name, param.shape[-1], start, end)], m)
+                        except ValueError as exc:
+                            raise ValueError(f"{exc}; this is DP rank {rank}'s shard of bucket {bucket_index} under "
+                                             f"Megatron's distributed optimizer with DP size {dp}: "
+                                             f"{_alignment_hint(dp, m)}") from None
+                    if rank == me:
+                        owned[param] = (start, end)
+    return owned
+
+
 def megatron_param_groups(model_chunks: Sequence[nn.Module], sparsity: str = "2:4", *, include=None,
                           exclude=None, overrides: Optional[Dict[str, str]] = None,
                           weight_decay: float = 0.0, tp_group=None) -> List[Dict[str, Any]]:
@@ -123,6 +216,71 @@ def megatron_param_groups(model_chunks: Sequence[nn.Module], sparsity: str = "2:
     return groups
 
 
+class _ShardedSTEP(DistributedSTEP):
+    """:class:`DistributedSTEP` on the shards this rank owns under Megatron's distributed optimizer.
+
+    Built with the model's param groups; it updates, in their place, 1-D views of this rank's
+    shard of each parameter (a target's shard viewed as ``[rows, M]``, whose rows are its N:M
+    groups), so the masked weights land in the model parameters, i.e. in DDP's param buffer.
+    ``shards`` lists ``(shard, model parameter, start, end)``. Groups this rank owns nothing of
+    stay, empty, so every rank has the same groups. The ranks agree on the configuration of
+    the whole parameters; a shard that splits a group fails on every rank.
+    """
+
+    def __init__(self, params, *args, buffers: Sequence[Any], **kwargs):
+        self._buffers = list(buffers)
+        self.shards: List[Tuple[Tensor, Tensor, int, int]] = []
+        super().__init__(params, *args, **kwargs)
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Only while the optimizer is built: the shards come from DDP's buffers, built once."""
+        if not getattr(self, "_agreeing", True):
+            raise NotImplementedError("add_param_group: under Megatron's distributed optimizer the param groups are "
+                                      "fixed when the optimizer is built (its shards come from DDP's grad buffers)")
+        super().add_param_group(param_group)
+
+    def _local_groups(self, groups: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        from megatron.core.tensor_parallel import copy_tensor_model_parallel_attributes
+
+        targets = {}
+        for gi, group in enumerate(groups):
+            if group.get("sparsity") is None:
+                continue
+            _, m = parse_sparsity(group["sparsity"], f"param_groups[{gi}]: sparsity")
+            for i, p in enumerate(group["params"]):
+                if group.get("nm_dim") is not None and group["nm_dim"] % 2 == 0:
+                    raise ValueError(f"{self._param_name(group, gi, i)}: groups along dim 0 (a Conv1D layout) are "
+                                     "strided in the flattened weight and cannot be sharded by Megatron's distributed "
+                                     "optimizer")
+                targets[p] = (self._param_name(group, gi, i), m)
+        buffered = {p for buffer in self._buffers for p in buffer.param_index_map}
+        for gi, group in enumerate(groups):
+            for i, p in enumerate(group["params"]):
+                if p.requires_grad and p not in buffered:
+                    raise ValueError(f"{self._param_name(group, gi, i)}: not in the grad buffers of Megatron's "
+                                     "DistributedDataParallel (added after DDP was built?): the distributed "
+                                     "optimizer cannot update it")
+        owned = distributed_optimizer_shards(self._buffers, targets)
+        local = []
+        for gi, group in enumerate(groups):
+            params, names = [], []
+            for i, p in enumerate(group["params"]):
+                if p not in owned:
+                    continue
+                start, end = owned[p]
+                shard = p.detach().view(-1)[start:end]
+                if p in targets:
+                    shard = shard.view(-1, targets[p][1])
+                copy_tensor_model_parallel_attributes(shard, p)
+                if hasattr(p, "shared"):
+                    shard.shared = p.shared
+                self.shards.append((shard, p, start, end))
+                params.append(shard)
+                names.append(f"{self._param_name(group, gi, i)}[{start}:{end}]")
+            local.append(dict(group, params=params, param_names=names))
+        return local
+
+
 def _megatron_base():
     try:
         from megatron.core.optimizer.optimizer import MegatronOptimizer
@@ -139,8 +297,11 @@ def _make_megatron_step_class():
         """A ``MegatronOptimizer`` whose inner optimizer is :class:`~step_kernels.distributed.DistributedSTEP`."""
 
         def __init__(self, optimizer: DistributedSTEP, config, grad_scaler=None, tp_group=None,
-                     grad_stats_group=None):
+                     grad_stats_group=None, model_chunks: Optional[Sequence[nn.Module]] = None):
             super().__init__(optimizer, config, lambda opt, config=None: None)
+            self.model_chunks = list(model_chunks or [])
+            # Distributed optimizer: (shard, model param, start, end) of the shards this rank owns.
+            self.shards = list(getattr(optimizer, "shards", None) or [])
             self.grad_scaler = grad_scaler
             self.tp_group = tp_group
             self.grad_stats_parallel_group = grad_stats_group  # None: one process, nothing to reduce
@@ -154,6 +315,20 @@ def _make_megatron_step_class():
         def zero_grad(self, set_to_none: bool = True):
             """Zero the model grads (Megatron's DDP zeroes its own ``main_grad`` buffers)."""
             self.optimizer.zero_grad(set_to_none=set_to_none)
+            for _, param, _, _ in self.shards:
+                param.grad = None
+
+        def _grads(self) -> List[Tuple[Tensor, Optional[Tensor]]]:
+            """``(optimizer param, its grad source)``: DDP's ``main_grad`` where present, else
+            ``.grad``; under the distributed optimizer, this rank's shard of the model param's."""
+            if not self.shards:
+                return [(p, getattr(p, "main_grad", None)) for p in self.get_parameters()]
+            pairs = []
+            for shard, param, start, end in self.shards:
+                grad = getattr(param, "main_grad", None)
+                grad = param.grad if grad is None else grad
+                pairs.append((shard, None if grad is None else grad.view(-1)[start:end].view(shard.shape)))
+            return pairs
 
         def get_loss_scale(self) -> Tensor:
             """The loss scale (1 without a grad scaler)."""
@@ -195,10 +370,9 @@ def _make_megatron_step_class():
             non-finite grads across the model-parallel group and update the scaler. Returns
             whether a non-finite grad was found (the step is then skipped)."""
             grads = []
-            for p in self.get_parameters():
-                main_grad = getattr(p, "main_grad", None)
-                if main_grad is not None:
-                    p.grad = main_grad if main_grad.dtype == p.dtype else main_grad.to(p.dtype)
+            for p, source in self._grads():
+                if source is not None:
+                    p.grad = source if source.dtype == p.dtype else source.to(p.dtype)
                 if p.grad is not None:
                     grads.append(p.grad)
             if self.grad_scaler is None:
@@ -214,8 +388,14 @@ def _make_megatron_step_class():
             return found
 
         def step_with_ready_grads(self) -> bool:
-            """One STEP step: masters updated, masked weights written into the model params."""
+            """One STEP step: masters updated, masked weights written into the model params.
+            Under the distributed optimizer, DDP then all-gathers the param buffer (unless it
+            overlaps that with the next forward), as Megatron's ``DistributedOptimizer`` does."""
             self.optimizer.step()
+            if self.shards:
+                for chunk in self.model_chunks:
+                    if not chunk.ddp_config.overlap_param_gather:
+                        chunk.start_param_sync()
             return True
 
         @torch.no_grad()
@@ -285,16 +465,16 @@ def get_step_optimizer(config, model_chunks: Sequence[nn.Module], sparsity: str 
     ``decoupled_weight_decay=True``). ``tp_group``/``dp_group`` default to Megatron's
     ``parallel_state`` groups. Other keyword arguments go to :class:`~step_kernels.STEP`.
     Construction is collective over both groups; configuration errors are raised on every rank.
+
+    With ``config.use_distributed_optimizer``, ``model_chunks`` must be Megatron
+    ``DistributedDataParallel`` modules built with ``use_distributed_optimizer=True``: STEP then
+    updates only this rank's shards of their grad buffers (see the module docstring), and the
+    data-parallel group is the buffers' own.
     """
     MegatronSTEP = __getattr__("MegatronSTEP")
     from megatron.core import parallel_state
     from megatron.core.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
 
-    if config.use_distributed_optimizer:
-        raise NotImplementedError(
-            "get_step_optimizer: Megatron's DistributedOptimizer (use_distributed_optimizer=True) is not supported: "
-            "its 1-D shards of the grad buffer may end inside an N:M group. Use use_distributed_optimizer=False "
-            "(optimizer state replicated over data-parallel ranks), or FSDP2 with step_kernels.distributed.DistributedSTEP")
     if config.optimizer != "adam" or not config.decoupled_weight_decay:
         raise ValueError(f"get_step_optimizer: STEP is AdamW: config.optimizer must be 'adam' with "
                          f"decoupled_weight_decay=True, got optimizer={config.optimizer!r}, "
@@ -307,11 +487,19 @@ def get_step_optimizer(config, model_chunks: Sequence[nn.Module], sparsity: str 
                                    weight_decay=config.weight_decay, tp_group=tp_group)
     reduce_groups = [tp_group] if _tp_size(tp_group) > 1 else []
     replica_groups = [dp_group] if dp_group is not None and torch.distributed.get_world_size(dp_group) > 1 else []
-    inner = DistributedSTEP(groups, lr=config.lr if config.lr is not None else 1e-3,
-                            betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
-                            weight_decay=config.weight_decay, recipe=recipe, srste_decay=srste_decay, switch=switch,
-                            total_steps=total_steps, backend=backend, process_group=reduce_groups,
-                            replica_group=replica_groups, **step_kwargs)
+    cls, sharding = DistributedSTEP, {}
+    if config.use_distributed_optimizer:
+        buffers = _distributed_optimizer_buffers(model_chunks)
+        dp_group = buffers[0].data_parallel_group
+        # Each DP rank updates other shards: the statistics are summed over DP too.
+        reduce_groups += [dp_group] if dp_group.size() > 1 else []
+        replica_groups = []
+        cls, sharding = _ShardedSTEP, {"buffers": buffers}
+    inner = cls(groups, lr=config.lr if config.lr is not None else 1e-3,
+                betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
+                weight_decay=config.weight_decay, recipe=recipe, srste_decay=srste_decay, switch=switch,
+                total_steps=total_steps, backend=backend, process_group=reduce_groups,
+                replica_group=replica_groups, **sharding, **step_kwargs)
     grad_scaler = None
     if config.loss_scale:
         grad_scaler = ConstantGradScaler(config.loss_scale)
@@ -319,5 +507,30 @@ def get_step_optimizer(config, model_chunks: Sequence[nn.Module], sparsity: str 
         grad_scaler = DynamicGradScaler(initial_scale=config.initial_loss_scale, min_scale=config.min_loss_scale,
                                         growth_factor=2.0, backoff_factor=0.5,
                                         growth_interval=config.loss_scale_window, hysteresis=config.hysteresis)
-    stats_group = parallel_state.get_model_parallel_group() if parallel_state.model_parallel_is_initialized() else None
-    return MegatronSTEP(inner, config, grad_scaler=grad_scaler, tp_group=tp_group, grad_stats_group=stats_group)
+    stats_group = None
+    if parallel_state.model_parallel_is_initialized():
+        # Megatron's choice: the distributed optimizer's grad norm and inf check span its instance.
+        stats_group = (parallel_state.get_intra_distributed_optimizer_instance_group()
+                       if config.use_distributed_optimizer else parallel_state.get_model_parallel_group())
+    return MegatronSTEP(inner, config, grad_scaler=grad_scaler, tp_group=tp_group, grad_stats_group=stats_group,
+                        model_chunks=model_chunks)
+
+
+def _distributed_optimizer_buffers(model_chunks: Sequence[nn.Module]) -> List[Any]:
+    """The grad buffers of model chunks wrapped in Megatron's ``DistributedDataParallel`` with
+    ``use_distributed_optimizer=True`` (``ValueError`` / ``NotImplementedError`` otherwise)."""
+    buffers = []
+    for ci, chunk in enumerate(model_chunks):
+        ddp_config = getattr(chunk, "ddp_config", None)
+        if ddp_config is None or not ddp_config.use_distributed_optimizer:
+            raise ValueError(f"get_step_optimizer: use_distributed_optimizer=True needs every model chunk wrapped in "
+                             f"megatron.core.distributed.DistributedDataParallel with DistributedDataParallelConfig("
+                             f"use_distributed_optimizer=True); model chunk {ci} ({type(chunk).__name__}) is not")
+        if chunk.expert_parallel_buffers or getattr(ddp_config, "num_distributed_optimizer_instances", 1) != 1:
+            raise NotImplementedError(f"get_step_optimizer: model chunk {ci}: expert-parallel buffers and several "
+                                      "distributed-optimizer instances are not supported with STEP")
+        buffers += list(chunk.buffers)
+    groups = {id(b.data_parallel_group) for b in buffers}
+    if len(groups) > 1:
+        raise NotImplementedError("get_step_optimizer: the grad buffers use different data-parallel groups")
+    return buffers

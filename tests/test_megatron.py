@@ -5,6 +5,12 @@ plain STEP; one 2-process gloo job (tests/multiproc/megatron_worker.py) trains M
 ColumnParallelLinear/RowParallelLinear with TP=2 and compares with TP=1. Megatron's grad scalers,
 its DistributedDataParallel and its grad-norm code allocate on CUDA: they are exercised by
 test_megatron_ddp_clip_and_loss_scale_on_gpu only, which needs a GPU.
+
+The distributed optimizer: a second 2-process job (DP=2) and a 4-process one (TP=2 x DP=2) train
+under Megatron's real DistributedDataParallel (its buffers moved to the CPU by patching
+``torch.cuda.current_device`` while it is built) with and without ``use_distributed_optimizer``;
+the shard layouts of large DP sizes are built by Megatron's own buffer code on stand-in groups.
+test_distributed_optimizer_on_gpu runs the comparison on CUDA without the patch.
 """
 
 import copy
@@ -243,7 +249,9 @@ def test_state_dict_round_trip_resumes(mcore):
 
 def test_unsupported_configurations(mcore):
     get_step_optimizer = mcore[3]
-    with pytest.raises(NotImplementedError, match="DistributedOptimizer"):
+    with pytest.raises(ValueError, match=r"use_distributed_optimizer=True needs every model chunk wrapped in "
+                                         r"megatron\.core\.distributed\.DistributedDataParallel .* model chunk 0 "
+                                         r"\(StandIn\) is not"):
         get_step_optimizer(opt_config(mcore, use_distributed_optimizer=True), [StandIn()])
     with pytest.raises(ValueError, match="config.optimizer must be 'adam'"):
         OptimizerConfig = mcore[0]
@@ -287,7 +295,8 @@ def test_tensor_parallel_2_matches_single_rank(mcore, tmp_path):
                                                     "over 2 tensor-parallel ranks: input size 24 gives 12 per rank")
         assert "ranks disagree on param_groups[0] sparsity: rank 0 has '2:4', rank 1 has '2:8'" in bad["mismatched_nm"]
         assert bad["replicated_target"].startswith("ValueError: extra.weight: a Linear copied on all 2")
-        assert bad["distributed_optimizer"].startswith("NotImplementedError")
+        assert bad["distributed_optimizer"].startswith("ValueError: get_step_optimizer: use_distributed_optimizer=True "
+                                                       "needs every model chunk wrapped")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Megatron's DDP, grad scaler and clipping need CUDA")
@@ -301,3 +310,87 @@ def test_megatron_ddp_clip_and_loss_scale_on_gpu(mcore, tmp_path):
     assert got["written_from_masters"] and want["written_from_masters"]
     for name, master in want["masters"].items():
         torch.testing.assert_close(got["masters"][name], master, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Megatron's distributed optimizer: gloo ranks (DP=2; TP=2 x DP=2), and the same comparison on a GPU
+# ---------------------------------------------------------------------------------------------
+
+
+def check_sharded_matches_replicated(res, where, dtypes=("fp32", "bf16")):
+    """The distributed optimizer's run equals DDP without it: every rank's grads are the same
+    (a reduce-scatter and an all-reduce add the same two values), and STEP's update is elementwise
+    with groups whole in every shard, so masters and parameters are bit-identical; only the
+    AutoSwitch sums are added in another order (per shard, then over TP and DP)."""
+    for dtype in dtypes:
+        for kind, switch in (("fixed", common.SWITCH), ("auto", 14)):
+            here = f"{where} {dtype} {kind}"
+            want, got = res[dtype][f"{kind}-replicated"], res[dtype][f"{kind}-sharded"]
+            assert got["switch_step"] == want["switch_step"] == switch, here
+            assert got["written_from_masters"] and want["written_from_masters"], here
+            assert got["buckets"] >= 2, here
+            assert got["overlap_param_gather"] == (kind == "auto"), here  # both ways of gathering params
+            assert got["z_history"] == pytest.approx(want["z_history"], rel=1e-5), here
+            assert got["flip_rate"] == pytest.approx(want["flip_rate"], rel=1e-6), here
+            for name, param in want["params"].items():
+                assert torch.equal(got["params"][name], param), here + name
+            assert got["masters"], here
+            for name, (start, end, master) in got["masters"].items():
+                assert torch.equal(master, want["masters"][name][2][start:end]), here + name
+        # state_dict() at step 20 (phase 2), loaded into a fresh DDP and optimizer, resumes exactly
+        resumed, full = res[dtype]["fixed-resumed"], res[dtype]["fixed-sharded"]
+        assert resumed["switch_step"] == common.SWITCH and resumed["step"] == common.STEPS
+        for name, param in full["params"].items():
+            assert torch.equal(resumed["params"][name], param), f"{where} {dtype} resumed {name}"
+        for name, (_, _, master) in full["masters"].items():
+            assert torch.equal(resumed["masters"][name][2], master), f"{where} {dtype} resumed {name}"
+
+
+def test_distributed_optimizer_matches_replicated(mcore, tmp_path):
+    launch(os.path.join(HERE, "multiproc", "megatron_worker.py"), tmp_path, "distopt")
+    ranks = [torch.load(os.path.join(tmp_path, f"megatron-distopt-rank{r}.pt"), weights_only=False) for r in range(2)]
+    for rank, res in enumerate(ranks):
+        check_sharded_matches_replicated(res, f"rank {rank}")
+    # The two ranks' shards cover every parameter once, and a target's shard ends inside a row
+    # (fc2's rows hold 48 inputs): groups, not rows, are what must stay whole.
+    shards = [s for res in ranks for s in res["fp32"]["fixed-sharded"]["shards"]]
+    params = ranks[0]["fp32"]["fixed-replicated"]["params"]
+    for name, param in params.items():
+        covered = torch.zeros(param.numel(), dtype=torch.int32)
+        for _, start, end in (s for s in shards if s[0] == name):
+            covered[start:end] += 1
+        assert bool((covered == 1).all()), name
+    assert any(name == "fc2.weight" and start % 48 for name, start, _ in shards)
+    bad = [res["bad"] for res in ranks]
+    assert bad[0] == bad[1]  # the same error on every rank
+    bad = bad[0]
+    assert "ranks disagree on param_groups[0] sparsity: rank 0 has '2:4', rank 1 has '1:4'" in bad["mismatched_nm"]
+    assert "proj.weight: groups along dim 0 (a Conv1D layout) are strided" in bad["conv1d_target"]
+    assert "extra.weight: not in the grad buffers of Megatron's DistributedDataParallel" in bad["unbuffered_param"]
+    assert bad["add_group_later"].startswith("NotImplementedError: add_param_group: under Megatron's distributed")
+    assert bad["split_default_padding"].startswith(
+        "ValueError: layer0.weight: the optimizer shard [0, 6) of the flattened weight splits an N:M group of M=4")
+    assert ("DP rank 4's shard of bucket 1 under Megatron's distributed optimizer with DP size 64: set "
+            "DistributedDataParallelConfig(pad_buckets_for_high_nccl_busbw=True)") in bad["split_default_padding"]
+    assert "splits an N:M group of M=32" in bad["split_any_padding"]
+    assert "no Megatron padding setting aligns them at DP size 4096" in bad["split_any_padding"]
+    assert bad["aligned_cover_once"] is True
+
+
+def test_distributed_optimizer_with_tensor_parallel(mcore, tmp_path):
+    """4 gloo ranks, TP=2 x DP=2: the statistics are summed over both groups (fp32 only)."""
+    launch(os.path.join(HERE, "multiproc", "megatron_worker.py"), tmp_path, "distopt", nproc=4)
+    for rank in range(4):
+        res = torch.load(os.path.join(tmp_path, f"megatron-distopt-rank{rank}.pt"), weights_only=False)
+        check_sharded_matches_replicated(res, f"rank {rank}", dtypes=("fp32",))
+        # fc2 (RowParallelLinear) holds 24 of the 48 inputs on each TP rank: [16, 24] locally
+        assert res["fp32"]["fixed-replicated"]["params"]["fc2.weight"].shape == (16, 24)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Megatron's DistributedDataParallel allocates on CUDA")
+def test_distributed_optimizer_on_gpu(mcore, tmp_path):
+    """Megatron's DDP with the distributed optimizer on CUDA (no patch; NCCL; STEP's Triton
+    kernels on the shards) against DDP without it."""
+    launch(os.path.join(HERE, "multiproc", "megatron_worker.py"), tmp_path, "gpu-distopt", nproc=1)
+    res = torch.load(os.path.join(tmp_path, "megatron-gpu-distopt-rank0.pt"), weights_only=False)
+    check_sharded_matches_replicated(res, "gpu")
