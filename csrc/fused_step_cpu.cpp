@@ -9,6 +9,7 @@
 // (STEP_KERNELS_CPU_ISA=avx512|avx2|baseline overrides). Each chunk writes its own partial sums,
 // which are added in chunk order, so the AutoSwitch sums and the flip count do not depend on the
 // thread count.
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -23,7 +24,8 @@ namespace cpu_step {
 
 enum class DType : int { F32, BF16, F16 };
 
-constexpr int64_t kChunk = 2048;  // a multiple of every M; 8 KB per fp32 stream, L1-resident
+constexpr int64_t kChunk = 2048;  // elements per unit of work and of partial sums; a multiple of every M
+constexpr int32_t kTile = 256;    // elements per tile: whole groups of every M, all buffers in L1
 
 struct TensorPlan {
   float* w;
@@ -238,7 +240,7 @@ at::Tensor fused_step_cpu(at::TensorList weights, at::TensorList grads, at::Tens
       check_like(*out_t, w, "model_params", i);
       out_type = dtype_code(*out_t, "model_params", i);
       check_in_place(*out_t, "model_params", i);
-      TORCH_CHECK_VALUE(!out_t->is_same(w) && out_t->data_ptr() != w.data_ptr(), "fused_step: model_params[", i,
+      TORCH_CHECK_VALUE(!out_t->is_same(w) && (w.numel() == 0 || out_t->data_ptr() != w.data_ptr()), "fused_step: model_params[", i,
                         "] is weights[", i, "]; pass None when the master is the model parameter");
       out = out_t->data_ptr();
     }

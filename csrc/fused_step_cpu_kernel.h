@@ -4,9 +4,9 @@
 // update, both N:M selections (the mask the last forward used, and the new one), the flip count,
 // the AutoSwitch sums and the masked write of the model parameter in its dtype (round to nearest
 // even). Bytes per element: phase 2 fp32 model reads 16 and writes 12 (28 B, AdamW's bytes); bf16
-// model with bf16 p reads 12 and writes 10 (22 B). Each chunk (at most kChunk = 2048 elements,
-// 8 KB per fp32 stream) is streamed from memory once; its few passes (selection, update,
-// selection, write) then run out of L1, so memory traffic is one pass and every pass vectorizes.
+// model with bf16 p reads 12 and writes 10 (22 B). Each chunk is cut into tiles of kTile elements (1 KB per fp32 stream); each tile is read from memory once
+// and its few passes (selection, update, selection, write) run out of L1, so memory traffic is one
+// pass, every stream advances together (the hardware prefetchers keep up) and every pass vectorizes.
 //
 // This file has no include guard on purpose: fused_step_cpu.cpp includes it once per instruction
 // set, inside `namespace STEP_CPU_ISA` and a `#pragma GCC target` region, so the compiler
@@ -192,36 +192,47 @@ inline int64_t count_flips(const int32_t* __restrict a, const int32_t* __restric
   return flips;
 }
 
-// Steps chunks [begin, end) of the plan; stats[i] receives chunk i's partial sums.
+// One tile: at most kTile elements of whole groups (a sub-range of a chunk's segments). Its
+// passes run out of L1 while every stream of the tile is read from memory once.
+inline void step_tile(const Plan& plan, const TensorPlan& t, const Chunk& c, ChunkStats& st, int32_t* key,
+                      int32_t* keep_old, int32_t* keep_new, float* gbuf, float* pbuf) {
+  if (plan.masked) {
+    chunk_mask(plan, t, c, key, keep_old);
+    if (plan.frozen_v) {
+      update_chunk_dispatch<true, true>(plan, t, c, keep_old, gbuf, pbuf, st);
+    } else {
+      update_chunk_dispatch<true, false>(plan, t, c, keep_old, gbuf, pbuf, st);
+    }
+    chunk_mask(plan, t, c, key, keep_new);
+    st.flips += count_flips(keep_old, keep_new, static_cast<int64_t>(c.seg_len) * c.nseg);
+  } else {
+    update_chunk_dispatch<false, false>(plan, t, c, keep_old, gbuf, pbuf, st);
+  }
+  if (t.out == nullptr) return;
+  const int64_t elem = t.out_type == DType::F32 ? 4 : 2;
+  for (int s = 0; s < c.nseg; ++s) {
+    const int64_t off = c.base + s * c.seg_stride;
+    write_segment(static_cast<char*>(t.out) + off * elem, t.out_type, t.w + off,
+                  plan.masked ? keep_new + s * c.seg_len : nullptr, c.seg_len);
+  }
+}
+
+// Steps chunks [begin, end) of the plan, tile by tile; stats[i] receives chunk i's partial sums.
 inline void run_chunks(const Plan& plan, int64_t begin, int64_t end, ChunkStats* stats) {
-  alignas(64) int32_t key[kChunk];
-  alignas(64) int32_t keep_old[kChunk];
-  alignas(64) int32_t keep_new[kChunk];
-  alignas(64) float gbuf[kChunk];
-  alignas(64) float pbuf[kChunk];
+  alignas(64) int32_t key[kTile];
+  alignas(64) int32_t keep_old[kTile];
+  alignas(64) int32_t keep_new[kTile];
+  alignas(64) float gbuf[kTile];
+  alignas(64) float pbuf[kTile];
   for (int64_t i = begin; i < end; ++i) {
     const Chunk& c = plan.chunks[i];
     const TensorPlan& t = plan.tensors[c.tensor];
-    ChunkStats& st = stats[i];
-    if (plan.masked) {
-      chunk_mask(plan, t, c, key, keep_old);
-      if (plan.frozen_v) {
-        update_chunk_dispatch<true, true>(plan, t, c, keep_old, gbuf, pbuf, st);
-      } else {
-        update_chunk_dispatch<true, false>(plan, t, c, keep_old, gbuf, pbuf, st);
-      }
-      chunk_mask(plan, t, c, key, keep_new);
-      const int64_t len = c.seg_len * c.nseg;
-      st.flips += count_flips(keep_old, keep_new, len);
-    } else {
-      update_chunk_dispatch<false, false>(plan, t, c, keep_old, gbuf, pbuf, st);
-    }
-    if (t.out == nullptr) continue;
-    const int64_t elem = t.out_type == DType::F32 ? 4 : 2;
-    for (int s = 0; s < c.nseg; ++s) {
-      const int64_t off = c.base + s * c.seg_stride;
-      write_segment(static_cast<char*>(t.out) + off * elem, t.out_type, t.w + off,
-                    plan.masked ? keep_new + s * c.seg_len : nullptr, c.seg_len);
+    const int32_t cols = c.nseg == 1 ? static_cast<int32_t>(kTile) : std::max<int32_t>(1, kTile / c.nseg);
+    for (int32_t p0 = 0; p0 < c.seg_len; p0 += cols) {
+      Chunk tile = c;
+      tile.base += p0;
+      tile.seg_len = std::min(cols, c.seg_len - p0);
+      step_tile(plan, t, tile, stats[i], key, keep_old, keep_new, gbuf, pbuf);
     }
   }
 }
