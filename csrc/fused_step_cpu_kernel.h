@@ -34,33 +34,50 @@ inline v16i rank16(const v16i& key, std::integer_sequence<int, S...>) {
   return rank;
 }
 
-// keep[e] = 1 when entry e is among the n winners of its group; groups are M consecutive keys.
+// keep[e] = 1 when w[e] is among the n winners of its group (M consecutive weights), keys made
+// in registers. With `before`, returns how many entries differ from it (the flips).
 template <int M>
-inline void select_contiguous_m(const int32_t* __restrict key, int32_t* __restrict keep, int64_t len,
-                                int n) {
+inline int64_t select_contiguous_m(const float* __restrict w, int32_t* __restrict keep, int64_t len, int n,
+                                   const int32_t* __restrict before) {
   int64_t e = 0;
+  v16i flips = {};
   if constexpr (M <= 16) {
     for (; e + 16 <= len; e += 16) {
-      v16i k;
-      std::memcpy(&k, key + e, sizeof k);
-      const v16i rank = rank16<M>(k, std::make_integer_sequence<int, (M <= 16 ? M - 1 : 0)>());
+      v16i bits;
+      std::memcpy(&bits, w + e, sizeof bits);
+      v16i key = bits & 0x7fffffff;
+      key = key > 0x7f800000 ? 0x7f800000 : key;  // NaN counts as +inf
+      const v16i rank = rank16<M>(key, std::make_integer_sequence<int, (M <= 16 ? M - 1 : 0)>());
       const v16i kept = (rank < n) & 1;
       std::memcpy(keep + e, &kept, sizeof kept);
+      if (before) {
+        v16i old;
+        std::memcpy(&old, before + e, sizeof old);
+        flips -= kept != old;
+      }
     }
   }
+  int64_t count = 0;
+  for (int i = 0; i < 16; ++i) count += flips[i];
   for (; e < len; e += M) {
-    const uint32_t bits = step_kernels::nm_select_keys(key + e, n, M);
-    for (int i = 0; i < M; ++i) keep[e + i] = (bits >> i) & 1u;
+    int32_t key[M];
+    for (int i = 0; i < M; ++i) key[i] = step_kernels::nm_key_bits(w[e + i]);
+    const uint32_t kept = step_kernels::nm_select_keys(key, n, M);
+    for (int i = 0; i < M; ++i) {
+      keep[e + i] = (kept >> i) & 1u;
+      if (before) count += keep[e + i] != before[e + i] ? 1 : 0;
+    }
   }
+  return count;
 }
 
-inline void select_contiguous(const int32_t* key, int32_t* keep, int64_t len, int n, int m) {
+inline int64_t select_contiguous(const float* w, int32_t* keep, int64_t len, int n, int m, const int32_t* before) {
   switch (m) {
-    case 2: return select_contiguous_m<2>(key, keep, len, n);
-    case 4: return select_contiguous_m<4>(key, keep, len, n);
-    case 8: return select_contiguous_m<8>(key, keep, len, n);
-    case 16: return select_contiguous_m<16>(key, keep, len, n);
-    default: return select_contiguous_m<32>(key, keep, len, n);
+    case 2: return select_contiguous_m<2>(w, keep, len, n, before);
+    case 4: return select_contiguous_m<4>(w, keep, len, n, before);
+    case 8: return select_contiguous_m<8>(w, keep, len, n, before);
+    case 16: return select_contiguous_m<16>(w, keep, len, n, before);
+    default: return select_contiguous_m<32>(w, keep, len, n, before);
   }
 }
 
@@ -84,45 +101,52 @@ inline void select_rows(const int32_t* __restrict key, int32_t* __restrict keep,
   }
 }
 
-// keys of one chunk (its segments laid out one after another), then its N:M mask.
-inline void chunk_mask(const Plan& plan, const TensorPlan& t, const Chunk& c, int32_t* key,
-                       int32_t* keep) {
+inline int64_t count_flips(const int32_t* __restrict a, const int32_t* __restrict b, int64_t len) {
+  int32_t flips = 0;  // len <= kTile
+  for (int64_t e = 0; e < len; ++e) flips += a[e] != b[e] ? 1 : 0;
+  return flips;
+}
+
+// The N:M mask of one tile (its segments laid out one after another); with `before`, returns the
+// number of entries whose mask differs from it.
+inline int64_t tile_mask(const Plan& plan, const TensorPlan& t, const Chunk& c, int32_t* key, int32_t* keep,
+                         const int32_t* before) {
+  if (c.nseg == 1) return select_contiguous(t.w + c.base, keep, c.seg_len, plan.n, plan.m, before);
   for (int s = 0; s < c.nseg; ++s) {
     const float* __restrict w = t.w + c.base + s * c.seg_stride;
     int32_t* __restrict k = key + s * c.seg_len;
     for (int64_t e = 0; e < c.seg_len; ++e) k[e] = step_kernels::nm_key_bits(w[e]);
   }
-  if (c.nseg == 1) {
-    select_contiguous(key, keep, c.seg_len, plan.n, plan.m);
-  } else {
-    select_rows(key, keep, c.seg_len, plan.n, plan.m);
-  }
+  select_rows(key, keep, c.seg_len, plan.n, plan.m);
+  return before ? count_flips(before, keep, static_cast<int64_t>(c.seg_len) * c.nseg) : 0;
 }
 
-inline void to_float(const void* src, DType type, int64_t len, float* __restrict dst) {
-  if (type == DType::BF16) {
-    const uint16_t* __restrict h = static_cast<const uint16_t*>(src);
-    for (int64_t e = 0; e < len; ++e) dst[e] = step_kernels::f32_from_bf16(h[e]);
-  } else {
-    const uint16_t* __restrict h = static_cast<const uint16_t*>(src);
-    for (int64_t e = 0; e < len; ++e) dst[e] = step_kernels::f32_from_f16(h[e]);
-  }
-}
+// Element types of the streams: fp32 as is, bf16 and fp16 as their bits.
+struct BF16 {
+  uint16_t bits;
+};
+struct F16 {
+  uint16_t bits;
+};
+inline float load_f32(float x) { return x; }
+inline float load_f32(BF16 x) { return step_kernels::f32_from_bf16(x.bits); }
+inline float load_f32(F16 x) { return step_kernels::f32_from_f16(x.bits); }
 
-// The update of one segment, in place. Returns the AutoSwitch sums in `stats` when STATS.
-template <bool MASKED, bool FROZEN, bool SCALE, bool STATS>
-inline void update_segment(float* __restrict w, const float* __restrict g, float* __restrict m,
-                           float* __restrict second, const int32_t* __restrict keep_old, int64_t len,
-                           const StepScalarsF& s, float scale, ChunkStats& stats) {
+// The update of one segment, in place; grads and a frozen p are widened as they are read.
+// Returns the AutoSwitch sums in `stats` when STATS.
+template <class G, class S, bool MASKED, bool FROZEN, bool SCALE, bool STATS>
+inline void update_segment(float* __restrict w, const G* __restrict g, float* __restrict m, S* __restrict second,
+                           const int32_t* __restrict keep_old, int64_t len, const StepScalarsF& s, float scale,
+                           ChunkStats& stats) {
   double abs_dv = 0.0, v_sum = 0.0;
 #pragma omp simd reduction(+ : abs_dv, v_sum)
   for (int64_t e = 0; e < len; ++e) {
-    float we = w[e], me = m[e], se = second[e];
-    const float ge = SCALE ? g[e] / scale : g[e];
+    float we = w[e], me = m[e], se = load_f32(second[e]);
+    const float ge = SCALE ? load_f32(g[e]) / scale : load_f32(g[e]);
     const float dv = step_kernels::step_element<MASKED, FROZEN>(we, ge, me, se, MASKED && keep_old[e] != 0, s);
     w[e] = we;
     m[e] = me;
-    if (!FROZEN) second[e] = se;
+    if constexpr (!FROZEN) second[e] = se;
     if (STATS) {
       abs_dv += static_cast<double>(dv);
       v_sum += static_cast<double>(se);
@@ -134,36 +158,45 @@ inline void update_segment(float* __restrict w, const float* __restrict g, float
   }
 }
 
-template <bool MASKED, bool FROZEN, bool SCALE, bool STATS>
-inline void update_chunk(const Plan& plan, const TensorPlan& t, const Chunk& c, const int32_t* keep_old,
-                         float* gbuf, float* pbuf, ChunkStats& stats) {
-  for (int s = 0; s < c.nseg; ++s) {
-    const int64_t off = c.base + s * c.seg_stride;
-    const float* g = static_cast<const float*>(t.g) + off;
-    if (t.g_type != DType::F32) {
-      to_float(static_cast<const uint16_t*>(t.g) + off, t.g_type, c.seg_len, gbuf);
-      g = gbuf;
-    }
-    float* second = static_cast<float*>(t.second) + off;
-    if (t.second_type != DType::F32) {  // a bf16 preconditioner (frozen, read only)
-      to_float(static_cast<const uint16_t*>(t.second) + off, t.second_type, c.seg_len, pbuf);
-      second = pbuf;
-    }
-    update_segment<MASKED, FROZEN, SCALE, STATS>(t.w + off, g, t.m + off, second,
-                                                 keep_old + s * c.seg_len, c.seg_len, plan.scalars,
-                                                 plan.scale, stats);
+template <class G, class S, bool MASKED, bool FROZEN, bool SCALE, bool STATS>
+inline void update_tile(const Plan& plan, const TensorPlan& t, const Chunk& c, const int32_t* keep_old,
+                        ChunkStats& stats) {
+  for (int i = 0; i < c.nseg; ++i) {
+    const int64_t off = c.base + i * c.seg_stride;
+    update_segment<G, S, MASKED, FROZEN, SCALE, STATS>(
+        t.w + off, static_cast<const G*>(t.g) + off, t.m + off, static_cast<S*>(t.second) + off,
+        keep_old + i * c.seg_len, c.seg_len, plan.scalars, plan.scale, stats);
+  }
+}
+
+// Picks the instantiation: grad dtype x preconditioner dtype (frozen only) x scale x stats
+// (unmasked only).
+template <class G, bool MASKED, bool FROZEN, bool SCALE>
+inline void update_tile_s(const Plan& plan, const TensorPlan& t, const Chunk& c, const int32_t* keep_old,
+                          ChunkStats& stats) {
+  if constexpr (FROZEN) {
+    if (t.second_type == DType::BF16)
+      return update_tile<G, const BF16, MASKED, FROZEN, SCALE, false>(plan, t, c, keep_old, stats);
+    return update_tile<G, const float, MASKED, FROZEN, SCALE, false>(plan, t, c, keep_old, stats);
+  } else if constexpr (MASKED) {
+    return update_tile<G, float, MASKED, FROZEN, SCALE, false>(plan, t, c, keep_old, stats);
+  } else {
+    if (plan.compute_stats) return update_tile<G, float, MASKED, FROZEN, SCALE, true>(plan, t, c, keep_old, stats);
+    return update_tile<G, float, MASKED, FROZEN, SCALE, false>(plan, t, c, keep_old, stats);
   }
 }
 
 template <bool MASKED, bool FROZEN>
-inline void update_chunk_dispatch(const Plan& plan, const TensorPlan& t, const Chunk& c,
-                                  const int32_t* keep_old, float* gbuf, float* pbuf, ChunkStats& stats) {
+inline void update_tile_dispatch(const Plan& plan, const TensorPlan& t, const Chunk& c, const int32_t* keep_old,
+                                 ChunkStats& stats) {
   if (plan.has_scale) {
-    if (plan.compute_stats) return update_chunk<MASKED, FROZEN, true, true>(plan, t, c, keep_old, gbuf, pbuf, stats);
-    return update_chunk<MASKED, FROZEN, true, false>(plan, t, c, keep_old, gbuf, pbuf, stats);
+    if (t.g_type == DType::BF16) return update_tile_s<BF16, MASKED, FROZEN, true>(plan, t, c, keep_old, stats);
+    if (t.g_type == DType::F16) return update_tile_s<F16, MASKED, FROZEN, true>(plan, t, c, keep_old, stats);
+    return update_tile_s<float, MASKED, FROZEN, true>(plan, t, c, keep_old, stats);
   }
-  if (plan.compute_stats) return update_chunk<MASKED, FROZEN, false, true>(plan, t, c, keep_old, gbuf, pbuf, stats);
-  update_chunk<MASKED, FROZEN, false, false>(plan, t, c, keep_old, gbuf, pbuf, stats);
+  if (t.g_type == DType::BF16) return update_tile_s<BF16, MASKED, FROZEN, false>(plan, t, c, keep_old, stats);
+  if (t.g_type == DType::F16) return update_tile_s<F16, MASKED, FROZEN, false>(plan, t, c, keep_old, stats);
+  update_tile_s<float, MASKED, FROZEN, false>(plan, t, c, keep_old, stats);
 }
 
 // model_param = keep ? w : +0.0 (or w when keep is null), rounded to the model dtype.
@@ -186,27 +219,20 @@ inline void write_segment(void* out, DType type, const float* __restrict w, cons
   }
 }
 
-inline int64_t count_flips(const int32_t* __restrict a, const int32_t* __restrict b, int64_t len) {
-  int64_t flips = 0;
-  for (int64_t e = 0; e < len; ++e) flips += a[e] != b[e] ? 1 : 0;
-  return flips;
-}
-
 // One tile: at most kTile elements of whole groups (a sub-range of a chunk's segments). Its
 // passes run out of L1 while every stream of the tile is read from memory once.
 inline void step_tile(const Plan& plan, const TensorPlan& t, const Chunk& c, ChunkStats& st, int32_t* key,
-                      int32_t* keep_old, int32_t* keep_new, float* gbuf, float* pbuf) {
+                      int32_t* keep_old, int32_t* keep_new) {
   if (plan.masked) {
-    chunk_mask(plan, t, c, key, keep_old);
+    tile_mask(plan, t, c, key, keep_old, nullptr);
     if (plan.frozen_v) {
-      update_chunk_dispatch<true, true>(plan, t, c, keep_old, gbuf, pbuf, st);
+      update_tile_dispatch<true, true>(plan, t, c, keep_old, st);
     } else {
-      update_chunk_dispatch<true, false>(plan, t, c, keep_old, gbuf, pbuf, st);
+      update_tile_dispatch<true, false>(plan, t, c, keep_old, st);
     }
-    chunk_mask(plan, t, c, key, keep_new);
-    st.flips += count_flips(keep_old, keep_new, static_cast<int64_t>(c.seg_len) * c.nseg);
+    st.flips += tile_mask(plan, t, c, key, keep_new, keep_old);
   } else {
-    update_chunk_dispatch<false, false>(plan, t, c, keep_old, gbuf, pbuf, st);
+    update_tile_dispatch<false, false>(plan, t, c, keep_old, st);
   }
   if (t.out == nullptr) return;
   const int64_t elem = t.out_type == DType::F32 ? 4 : 2;
@@ -222,8 +248,6 @@ inline void run_chunks(const Plan& plan, int64_t begin, int64_t end, ChunkStats*
   alignas(64) int32_t key[kTile];
   alignas(64) int32_t keep_old[kTile];
   alignas(64) int32_t keep_new[kTile];
-  alignas(64) float gbuf[kTile];
-  alignas(64) float pbuf[kTile];
   for (int64_t i = begin; i < end; ++i) {
     const Chunk& c = plan.chunks[i];
     const TensorPlan& t = plan.tensors[c.tensor];
@@ -232,7 +256,7 @@ inline void run_chunks(const Plan& plan, int64_t begin, int64_t end, ChunkStats*
       Chunk tile = c;
       tile.base += p0;
       tile.seg_len = std::min(cols, c.seg_len - p0);
-      step_tile(plan, t, tile, stats[i], key, keep_old, keep_new, gbuf, pbuf);
+      step_tile(plan, t, tile, stats[i], key, keep_old, keep_new);
     }
   }
 }
