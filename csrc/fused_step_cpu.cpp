@@ -260,13 +260,26 @@ at::Tensor fused_step_cpu(at::TensorList weights, at::TensorList grads, at::Tens
   if (found_inf.has_value() && found_inf->to(at::kFloat).item<float>() != 0.0f) return totals;
   if (chunks.empty()) return totals;
 
-  const float fstep = static_cast<float>(step_size);
-  Plan plan{tensors.data(), chunks.data(),
-            {static_cast<float>(decay_factor), static_cast<float>(one_minus_beta1), static_cast<float>(beta2),
-             static_cast<float>(one_minus_beta2), fstep, -fstep, static_cast<float>(bc2_sqrt), static_cast<float>(eps),
-             static_cast<float>(srste_decay)},
-            scale, grad_scale.has_value(), masked, frozen_v, compute_stats && !masked,
-            static_cast<int>(n), static_cast<int>(m)};
+  Plan plan;
+  plan.tensors = tensors.data();
+  plan.chunks = chunks.data();
+  step_kernels::StepScalarsF& s = plan.scalars;
+  s.decay_factor = static_cast<float>(decay_factor);
+  s.one_minus_beta1 = static_cast<float>(one_minus_beta1);
+  s.beta2 = static_cast<float>(beta2);
+  s.one_minus_beta2 = static_cast<float>(one_minus_beta2);
+  s.step_size = static_cast<float>(step_size);
+  s.neg_step_size = -s.step_size;
+  s.bc2_sqrt = static_cast<float>(bc2_sqrt);
+  s.eps = static_cast<float>(eps);
+  s.srste_decay = static_cast<float>(srste_decay);
+  plan.scale = scale;
+  plan.has_scale = grad_scale.has_value();
+  plan.masked = masked;
+  plan.frozen_v = frozen_v;
+  plan.compute_stats = compute_stats && !masked;
+  plan.n = static_cast<int>(n);
+  plan.m = static_cast<int>(m);
   const RunChunks run = pick_isa().run;
   std::vector<ChunkStats> stats(chunks.size());
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1,

@@ -34,19 +34,26 @@ inline v16i rank16(const v16i& key, std::integer_sequence<int, S...>) {
   return rank;
 }
 
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef uint16_t v16h __attribute__((vector_size(32)));
+
+// Where the selection pass also writes the model parameter (contiguous groups only).
+enum OutKind { kNoOut = 0, kOutF32 = 1, kOutBF16 = 2 };
+
 // keep[e] = 1 when w[e] is among the n winners of its group (M consecutive weights), keys made
-// in registers. With `before`, returns how many entries differ from it (the flips).
-template <int M>
+// in registers. With `before`, returns how many entries differ from it (the flips). With OUT,
+// also writes the model parameter keep ? w : +0.0 (bf16: round to nearest even, NaN -> 0x7fc0).
+template <int M, int OUT>
 inline int64_t select_contiguous_m(const float* __restrict w, int32_t* __restrict keep, int64_t len, int n,
-                                   const int32_t* __restrict before) {
+                                   const int32_t* __restrict before, void* __restrict out) {
   int64_t e = 0;
   v16i flips = {};
   if constexpr (M <= 16) {
     for (; e + 16 <= len; e += 16) {
       v16i bits;
       std::memcpy(&bits, w + e, sizeof bits);
-      v16i key = bits & 0x7fffffff;
-      key = key > 0x7f800000 ? 0x7f800000 : key;  // NaN counts as +inf
+      const v16i magnitude = bits & 0x7fffffff;
+      const v16i key = magnitude > 0x7f800000 ? 0x7f800000 : magnitude;  // NaN counts as +inf
       const v16i rank = rank16<M>(key, std::make_integer_sequence<int, (M <= 16 ? M - 1 : 0)>());
       const v16i kept = (rank < n) & 1;
       std::memcpy(keep + e, &kept, sizeof kept);
@@ -54,6 +61,17 @@ inline int64_t select_contiguous_m(const float* __restrict w, int32_t* __restric
         v16i old;
         std::memcpy(&old, before + e, sizeof old);
         flips -= kept != old;
+      }
+      if constexpr (OUT == kOutF32) {
+        const v16i masked = bits & -kept;  // pruned: +0.0
+        std::memcpy(static_cast<float*>(out) + e, &masked, sizeof masked);
+      } else if constexpr (OUT == kOutBF16) {
+        const v16u u = reinterpret_cast<const v16u&>(bits);
+        v16u r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+        r = magnitude > 0x7f800000 ? 0x7fc0u : r;
+        r &= reinterpret_cast<const v16u&>(kept) * 0xffffu;
+        const v16h h = __builtin_convertvector(r, v16h);
+        std::memcpy(static_cast<uint16_t*>(out) + e, &h, sizeof h);
       }
     }
   }
@@ -66,19 +84,31 @@ inline int64_t select_contiguous_m(const float* __restrict w, int32_t* __restric
     for (int i = 0; i < M; ++i) {
       keep[e + i] = (kept >> i) & 1u;
       if (before) count += keep[e + i] != before[e + i] ? 1 : 0;
+      const float value = keep[e + i] ? w[e + i] : 0.0f;
+      if constexpr (OUT == kOutF32) static_cast<float*>(out)[e + i] = value;
+      if constexpr (OUT == kOutBF16) static_cast<uint16_t*>(out)[e + i] = step_kernels::bf16_from_f32(value);
     }
   }
   return count;
 }
 
-inline int64_t select_contiguous(const float* w, int32_t* keep, int64_t len, int n, int m, const int32_t* before) {
+template <int OUT>
+inline int64_t select_contiguous_out(const float* w, int32_t* keep, int64_t len, int n, int m,
+                                     const int32_t* before, void* out) {
   switch (m) {
-    case 2: return select_contiguous_m<2>(w, keep, len, n, before);
-    case 4: return select_contiguous_m<4>(w, keep, len, n, before);
-    case 8: return select_contiguous_m<8>(w, keep, len, n, before);
-    case 16: return select_contiguous_m<16>(w, keep, len, n, before);
-    default: return select_contiguous_m<32>(w, keep, len, n, before);
+    case 2: return select_contiguous_m<2, OUT>(w, keep, len, n, before, out);
+    case 4: return select_contiguous_m<4, OUT>(w, keep, len, n, before, out);
+    case 8: return select_contiguous_m<8, OUT>(w, keep, len, n, before, out);
+    case 16: return select_contiguous_m<16, OUT>(w, keep, len, n, before, out);
+    default: return select_contiguous_m<32, OUT>(w, keep, len, n, before, out);
   }
+}
+
+inline int64_t select_contiguous(const float* w, int32_t* keep, int64_t len, int n, int m, const int32_t* before,
+                                 void* out, OutKind kind) {
+  if (kind == kOutF32) return select_contiguous_out<kOutF32>(w, keep, len, n, m, before, out);
+  if (kind == kOutBF16) return select_contiguous_out<kOutBF16>(w, keep, len, n, m, before, out);
+  return select_contiguous_out<kNoOut>(w, keep, len, n, m, before, nullptr);
 }
 
 // Groups run across m rows of `cols` keys (key[i * cols + c] is entry i of group c): the strided
@@ -108,10 +138,11 @@ inline int64_t count_flips(const int32_t* __restrict a, const int32_t* __restric
 }
 
 // The N:M mask of one tile (its segments laid out one after another); with `before`, returns the
-// number of entries whose mask differs from it.
+// number of entries whose mask differs from it. Contiguous tiles may write the model parameter in
+// the same pass (`out`, of kind `kind`, at the tile's first element).
 inline int64_t tile_mask(const Plan& plan, const TensorPlan& t, const Chunk& c, int32_t* key, int32_t* keep,
-                         const int32_t* before) {
-  if (c.nseg == 1) return select_contiguous(t.w + c.base, keep, c.seg_len, plan.n, plan.m, before);
+                         const int32_t* before, void* out = nullptr, OutKind kind = kNoOut) {
+  if (c.nseg == 1) return select_contiguous(t.w + c.base, keep, c.seg_len, plan.n, plan.m, before, out, kind);
   for (int s = 0; s < c.nseg; ++s) {
     const float* __restrict w = t.w + c.base + s * c.seg_stride;
     int32_t* __restrict k = key + s * c.seg_len;
@@ -229,6 +260,12 @@ inline void step_tile(const Plan& plan, const TensorPlan& t, const Chunk& c, Chu
       update_tile_dispatch<true, true>(plan, t, c, keep_old, st);
     } else {
       update_tile_dispatch<true, false>(plan, t, c, keep_old, st);
+    }
+    if (c.nseg == 1 && t.out != nullptr && t.out_type != DType::F16) {  // write while selecting
+      const bool f32 = t.out_type == DType::F32;
+      void* out = static_cast<char*>(t.out) + c.base * (f32 ? 4 : 2);
+      st.flips += tile_mask(plan, t, c, key, keep_new, keep_old, out, f32 ? kOutF32 : kOutBF16);
+      return;
     }
     st.flips += tile_mask(plan, t, c, key, keep_new, keep_old);
   } else {
