@@ -1,18 +1,22 @@
-// The fused STEP step on CPU, per chunk (private tier of fused_step_cpu.cpp).
+// The fused STEP step on CPU, tile by tile (private tier of fused_step_cpu.cpp).
 //
 // Fuses, per element, the SR-STE gradient, decoupled decay, Adam moments, the live-v or frozen-p
 // update, both N:M selections (the mask the last forward used, and the new one), the flip count,
 // the AutoSwitch sums and the masked write of the model parameter in its dtype (round to nearest
 // even). Bytes per element: phase 2 fp32 model reads 16 and writes 12 (28 B, AdamW's bytes); bf16
-// model with bf16 p reads 12 and writes 10 (22 B). Each chunk is cut into tiles of kTile elements (1 KB per fp32 stream); each tile is read from memory once
-// and its few passes (selection, update, selection, write) run out of L1, so memory traffic is one
-// pass, every stream advances together (the hardware prefetchers keep up) and every pass vectorizes.
+// model with bf16 p reads 12 and writes 10 (22 B); phase 1 on an fp32 model 16 + 12 = 28 B.
+// Block size: each chunk is cut into tiles of kTile = 256 elements (1 KB per fp32 stream). A tile
+// is read from memory once and its passes (old selection, update, new selection + write) run out
+// of L1; tiles this short keep every stream advancing together, so the hardware prefetchers keep
+// up (2048-element tiles ran 1.5-2x slower), and longer than 128 to amortize the calls. Selection
+// of contiguous groups (M <= 16) runs on 16 lanes with in-group rotations (M - 1 shuffles and
+// compares per 16 weights); strided groups (Conv1D) rank across rows with lanes over columns.
 //
 // This file has no include guard on purpose: fused_step_cpu.cpp includes it once per instruction
-// set, inside `namespace STEP_CPU_ISA` and a `#pragma GCC target` region, so the compiler
-// vectorizes it for AVX-512, AVX2 and the baseline, and the launcher picks one at run time. It
-// includes nothing (the includer provides <cstdint>, <cstring>, <utility>, fused_step.h and the
-// plan types of fused_step_cpu.cpp), so no library code is compiled for a wider ISA than the CPU.
+// set, inside a namespace and a `#pragma GCC target` region, so the compiler vectorizes it for
+// AVX-512, AVX2 and the baseline, and the launcher picks one at run time. It includes nothing (the
+// includer provides <algorithm>, <cstdint>, <cstring>, <utility>, fused_step.h and the plan types
+// of fused_step_cpu.cpp), so no library code is compiled for a wider ISA than the CPU's.
 
 using step_kernels::StepScalarsF;
 
