@@ -59,7 +59,7 @@ def extension_modules():
     cu_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     use_cuda, reason = cuda_build_decision(torch)
     print(f"step-kernels: CUDA sources {'included' if use_cuda else 'skipped'}: {reason}")
-    cxx_flags = ["-O3", "-fopenmp", "-std=c++17", "-fno-fast-math"]
+    cxx_flags = ["-O3", "-fopenmp", "-std=c++17", "-fno-fast-math", "-ffp-contract=off", "-fno-math-errno"]
     link_flags = ["-fopenmp"]
     if use_cuda:
         ext = CUDAExtension(

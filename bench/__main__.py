@@ -22,7 +22,8 @@ from ._common import cpu_model, git_commit, machine_name, versions
 
 # Benchmark modules in report order. Each has NAME, run(device, quick, progress) -> rows,
 # to_markdown(rows), optionally plot(rows, path) and skip_reason(device) -> Optional[str].
-MODULES = ["bench.bench_optimizer_step", "bench.bench_fused_step_triton", "bench.bench_pack24", "bench.bench_sparse_linear", "bench.static_kernels"]
+MODULES = ["bench.bench_optimizer_step", "bench.bench_fused_step_triton", "bench.bench_fused_step_cpu",
+           "bench.bench_pack24", "bench.bench_sparse_linear", "bench.static_kernels"]
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

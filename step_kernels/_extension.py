@@ -62,6 +62,8 @@ def require(name: str):
 def cpu_fused_step(weights, grads, exp_avgs, second_moments, model_params, **kwargs):
     """The C++ fused step (backend "cpu"); same contract as ``reference.fused_step``."""
     op = require("fused_step")
+    if len(weights) == 0:  # the dispatcher needs a tensor to route the call
+        return torch.zeros(3, dtype=torch.float64)
     return op(
         list(weights), list(grads), list(exp_avgs), list(second_moments), list(model_params),
         kwargs["masked"], kwargs["frozen_v"], kwargs["n"], kwargs["m"],

@@ -69,7 +69,7 @@ def _cpu_status(device: torch.device) -> Optional[str]:
     if not _extension.has_op("fused_step"):
         return (
             "the compiled extension step_kernels._C has no fused_step op; rebuild it with "
-            "`pip install --no-build-isolation -e .` from a checkout that has csrc/step_cpu.cpp"
+            "`pip install --no-build-isolation -e .` from a checkout that has csrc/fused_step_cpu.cpp"
         )
     return None
 

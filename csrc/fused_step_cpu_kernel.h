@@ -1,0 +1,303 @@
+// The fused STEP step on CPU, tile by tile (private tier of fused_step_cpu.cpp).
+//
+// Fuses, per element, the SR-STE gradient, decoupled decay, Adam moments, the live-v or frozen-p
+// update, both N:M selections (the mask the last forward used, and the new one), the flip count,
+// the AutoSwitch sums and the masked write of the model parameter in its dtype (round to nearest
+// even). Bytes per element: phase 2 fp32 model reads 16 and writes 12 (28 B, AdamW's bytes); bf16
+// model with bf16 p reads 12 and writes 10 (22 B); phase 1 on an fp32 model 16 + 12 = 28 B.
+// Block size: each chunk is cut into tiles of kTile = 256 elements (1 KB per fp32 stream). A tile
+// is read from memory once and its passes (old selection, update, new selection + write) run out
+// of L1; tiles this short keep every stream advancing together, so the hardware prefetchers keep
+// up (2048-element tiles ran 1.5-2x slower), and longer than 128 to amortize the calls. Selection
+// of contiguous groups (M <= 16) runs on 16 lanes with in-group rotations (M - 1 shuffles and
+// compares per 16 weights); strided groups (Conv1D) rank across rows with lanes over columns.
+//
+// This file has no include guard on purpose: fused_step_cpu.cpp includes it once per instruction
+// set, inside a namespace and a `#pragma GCC target` region, so the compiler vectorizes it for
+// AVX-512, AVX2 and the baseline, and the launcher picks one at run time. It includes nothing (the
+// includer provides <algorithm>, <cstdint>, <cstring>, <utility>, fused_step.h and the plan types
+// of fused_step_cpu.cpp), so no library code is compiled for a wider ISA than the CPU's.
+
+using step_kernels::StepScalarsF;
+
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+// rank += [entry (i + S) mod M of the group beats entry i], for 16 lanes holding 16 / M groups.
+template <int M, int S>
+inline void rank_add(const v16i& key, v16i& rank) {
+  const v16i lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const v16i other = __builtin_shuffle(key, (lane & ~(M - 1)) | ((lane + S) & (M - 1)));
+  const v16i other_is_lower = (lane & (M - 1)) >= (M - S);  // (i + S) mod M < i
+  rank -= (other > key) | ((other == key) & other_is_lower);  // comparisons give -1 or 0
+}
+
+template <int M, int... S>
+inline v16i rank16(const v16i& key, std::integer_sequence<int, S...>) {
+  v16i rank = {};
+  (rank_add<M, S + 1>(key, rank), ...);
+  return rank;
+}
+
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef uint16_t v16h __attribute__((vector_size(32)));
+
+// Where the selection pass also writes the model parameter (contiguous groups only).
+enum OutKind { kNoOut = 0, kOutF32 = 1, kOutBF16 = 2 };
+
+// keep[e] = 1 when w[e] is among the n winners of its group (M consecutive weights), keys made
+// in registers. With `before`, returns how many entries differ from it (the flips). With OUT,
+// also writes the model parameter keep ? w : +0.0 (bf16: round to nearest even, NaN -> 0x7fc0).
+template <int M, int OUT>
+inline int64_t select_contiguous_m(const float* __restrict w, int32_t* __restrict keep, int64_t len, int n,
+                                   const int32_t* __restrict before, void* __restrict out) {
+  int64_t e = 0;
+  v16i flips = {};
+  if constexpr (M <= 16) {
+    for (; e + 16 <= len; e += 16) {
+      v16i bits;
+      std::memcpy(&bits, w + e, sizeof bits);
+      const v16i magnitude = bits & 0x7fffffff;
+      const v16i key = magnitude > 0x7f800000 ? 0x7f800000 : magnitude;  // NaN counts as +inf
+      const v16i rank = rank16<M>(key, std::make_integer_sequence<int, (M <= 16 ? M - 1 : 0)>());
+      const v16i kept = (rank < n) & 1;
+      std::memcpy(keep + e, &kept, sizeof kept);
+      if (before) {
+        v16i old;
+        std::memcpy(&old, before + e, sizeof old);
+        flips -= kept != old;
+      }
+      if constexpr (OUT == kOutF32) {
+        const v16i masked = bits & -kept;  // pruned: +0.0
+        std::memcpy(static_cast<float*>(out) + e, &masked, sizeof masked);
+      } else if constexpr (OUT == kOutBF16) {
+        const v16u u = reinterpret_cast<const v16u&>(bits);
+        v16u r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+        r = magnitude > 0x7f800000 ? 0x7fc0u : r;
+        r &= reinterpret_cast<const v16u&>(kept) * 0xffffu;
+        const v16h h = __builtin_convertvector(r, v16h);
+        std::memcpy(static_cast<uint16_t*>(out) + e, &h, sizeof h);
+      }
+    }
+  }
+  int64_t count = 0;
+  for (int i = 0; i < 16; ++i) count += flips[i];
+  for (; e < len; e += M) {
+    int32_t key[M];
+    for (int i = 0; i < M; ++i) key[i] = step_kernels::nm_key_bits(w[e + i]);
+    const uint32_t kept = step_kernels::nm_select_keys(key, n, M);
+    for (int i = 0; i < M; ++i) {
+      keep[e + i] = (kept >> i) & 1u;
+      if (before) count += keep[e + i] != before[e + i] ? 1 : 0;
+      const float value = keep[e + i] ? w[e + i] : 0.0f;
+      if constexpr (OUT == kOutF32) static_cast<float*>(out)[e + i] = value;
+      if constexpr (OUT == kOutBF16) static_cast<uint16_t*>(out)[e + i] = step_kernels::bf16_from_f32(value);
+    }
+  }
+  return count;
+}
+
+template <int OUT>
+inline int64_t select_contiguous_out(const float* w, int32_t* keep, int64_t len, int n, int m,
+                                     const int32_t* before, void* out) {
+  switch (m) {
+    case 2: return select_contiguous_m<2, OUT>(w, keep, len, n, before, out);
+    case 4: return select_contiguous_m<4, OUT>(w, keep, len, n, before, out);
+    case 8: return select_contiguous_m<8, OUT>(w, keep, len, n, before, out);
+    case 16: return select_contiguous_m<16, OUT>(w, keep, len, n, before, out);
+    default: return select_contiguous_m<32, OUT>(w, keep, len, n, before, out);
+  }
+}
+
+inline int64_t select_contiguous(const float* w, int32_t* keep, int64_t len, int n, int m, const int32_t* before,
+                                 void* out, OutKind kind) {
+  if (kind == kOutF32) return select_contiguous_out<kOutF32>(w, keep, len, n, m, before, out);
+  if (kind == kOutBF16) return select_contiguous_out<kOutBF16>(w, keep, len, n, m, before, out);
+  return select_contiguous_out<kNoOut>(w, keep, len, n, m, before, nullptr);
+}
+
+// Groups run across m rows of `cols` keys (key[i * cols + c] is entry i of group c): the strided
+// orientation (Conv1D). Lanes run over columns.
+inline void select_rows(const int32_t* __restrict key, int32_t* __restrict keep, int64_t cols, int n,
+                        int m) {
+  for (int i = 0; i < m; ++i) {
+    int32_t* __restrict rank = keep + i * cols;
+    const int32_t* __restrict ki = key + i * cols;
+    for (int64_t c = 0; c < cols; ++c) rank[c] = 0;
+    for (int j = 0; j < i; ++j) {
+      const int32_t* __restrict kj = key + j * cols;
+      for (int64_t c = 0; c < cols; ++c) rank[c] += kj[c] >= ki[c] ? 1 : 0;
+    }
+    for (int j = i + 1; j < m; ++j) {
+      const int32_t* __restrict kj = key + j * cols;
+      for (int64_t c = 0; c < cols; ++c) rank[c] += kj[c] > ki[c] ? 1 : 0;
+    }
+    for (int64_t c = 0; c < cols; ++c) rank[c] = rank[c] < n ? 1 : 0;
+  }
+}
+
+inline int64_t count_flips(const int32_t* __restrict a, const int32_t* __restrict b, int64_t len) {
+  int32_t flips = 0;  // len <= kTile
+  for (int64_t e = 0; e < len; ++e) flips += a[e] != b[e] ? 1 : 0;
+  return flips;
+}
+
+// The N:M mask of one tile (its segments laid out one after another); with `before`, returns the
+// number of entries whose mask differs from it. Contiguous tiles may write the model parameter in
+// the same pass (`out`, of kind `kind`, at the tile's first element).
+inline int64_t tile_mask(const Plan& plan, const TensorPlan& t, const Chunk& c, int32_t* key, int32_t* keep,
+                         const int32_t* before, void* out = nullptr, OutKind kind = kNoOut) {
+  if (c.nseg == 1) return select_contiguous(t.w + c.base, keep, c.seg_len, plan.n, plan.m, before, out, kind);
+  for (int s = 0; s < c.nseg; ++s) {
+    const float* __restrict w = t.w + c.base + s * c.seg_stride;
+    int32_t* __restrict k = key + s * c.seg_len;
+    for (int64_t e = 0; e < c.seg_len; ++e) k[e] = step_kernels::nm_key_bits(w[e]);
+  }
+  select_rows(key, keep, c.seg_len, plan.n, plan.m);
+  return before ? count_flips(before, keep, static_cast<int64_t>(c.seg_len) * c.nseg) : 0;
+}
+
+// Element types of the streams: fp32 as is, bf16 and fp16 as their bits.
+struct BF16 {
+  uint16_t bits;
+};
+struct F16 {
+  uint16_t bits;
+};
+inline float load_f32(float x) { return x; }
+inline float load_f32(BF16 x) { return step_kernels::f32_from_bf16(x.bits); }
+inline float load_f32(F16 x) { return step_kernels::f32_from_f16(x.bits); }
+
+// The update of one segment, in place; grads and a frozen p are widened as they are read.
+// Returns the AutoSwitch sums in `stats` when STATS.
+template <class G, class S, bool MASKED, bool FROZEN, bool SCALE, bool STATS>
+inline void update_segment(float* __restrict w, const G* __restrict g, float* __restrict m, S* __restrict second,
+                           const int32_t* __restrict keep_old, int64_t len, const StepScalarsF& s, float scale,
+                           ChunkStats& stats) {
+  double abs_dv = 0.0, v_sum = 0.0;
+#pragma omp simd reduction(+ : abs_dv, v_sum)
+  for (int64_t e = 0; e < len; ++e) {
+    float we = w[e], me = m[e], se = load_f32(second[e]);
+    const float ge = SCALE ? load_f32(g[e]) / scale : load_f32(g[e]);
+    const float dv = step_kernels::step_element<MASKED, FROZEN>(we, ge, me, se, MASKED && keep_old[e] != 0, s);
+    w[e] = we;
+    m[e] = me;
+    if constexpr (!FROZEN) second[e] = se;
+    if (STATS) {
+      abs_dv += static_cast<double>(dv);
+      v_sum += static_cast<double>(se);
+    }
+  }
+  if (STATS) {
+    stats.abs_dv += abs_dv;
+    stats.v_sum += v_sum;
+  }
+}
+
+template <class G, class S, bool MASKED, bool FROZEN, bool SCALE, bool STATS>
+inline void update_tile(const Plan& plan, const TensorPlan& t, const Chunk& c, const int32_t* keep_old,
+                        ChunkStats& stats) {
+  for (int i = 0; i < c.nseg; ++i) {
+    const int64_t off = c.base + i * c.seg_stride;
+    update_segment<G, S, MASKED, FROZEN, SCALE, STATS>(
+        t.w + off, static_cast<const G*>(t.g) + off, t.m + off, static_cast<S*>(t.second) + off,
+        keep_old + i * c.seg_len, c.seg_len, plan.scalars, plan.scale, stats);
+  }
+}
+
+// Picks the instantiation: grad dtype x preconditioner dtype (frozen only) x scale x stats
+// (unmasked only).
+template <class G, bool MASKED, bool FROZEN, bool SCALE>
+inline void update_tile_s(const Plan& plan, const TensorPlan& t, const Chunk& c, const int32_t* keep_old,
+                          ChunkStats& stats) {
+  if constexpr (FROZEN) {
+    if (t.second_type == DType::BF16)
+      return update_tile<G, const BF16, MASKED, FROZEN, SCALE, false>(plan, t, c, keep_old, stats);
+    return update_tile<G, const float, MASKED, FROZEN, SCALE, false>(plan, t, c, keep_old, stats);
+  } else if constexpr (MASKED) {
+    return update_tile<G, float, MASKED, FROZEN, SCALE, false>(plan, t, c, keep_old, stats);
+  } else {
+    if (plan.compute_stats) return update_tile<G, float, MASKED, FROZEN, SCALE, true>(plan, t, c, keep_old, stats);
+    return update_tile<G, float, MASKED, FROZEN, SCALE, false>(plan, t, c, keep_old, stats);
+  }
+}
+
+template <bool MASKED, bool FROZEN>
+inline void update_tile_dispatch(const Plan& plan, const TensorPlan& t, const Chunk& c, const int32_t* keep_old,
+                                 ChunkStats& stats) {
+  if (plan.has_scale) {
+    if (t.g_type == DType::BF16) return update_tile_s<BF16, MASKED, FROZEN, true>(plan, t, c, keep_old, stats);
+    if (t.g_type == DType::F16) return update_tile_s<F16, MASKED, FROZEN, true>(plan, t, c, keep_old, stats);
+    return update_tile_s<float, MASKED, FROZEN, true>(plan, t, c, keep_old, stats);
+  }
+  if (t.g_type == DType::BF16) return update_tile_s<BF16, MASKED, FROZEN, false>(plan, t, c, keep_old, stats);
+  if (t.g_type == DType::F16) return update_tile_s<F16, MASKED, FROZEN, false>(plan, t, c, keep_old, stats);
+  update_tile_s<float, MASKED, FROZEN, false>(plan, t, c, keep_old, stats);
+}
+
+// model_param = keep ? w : +0.0 (or w when keep is null), rounded to the model dtype.
+inline void write_segment(void* out, DType type, const float* __restrict w, const int32_t* __restrict keep,
+                          int64_t len) {
+  if (type == DType::F32) {
+    float* __restrict o = static_cast<float*>(out);
+    if (keep) {
+      for (int64_t e = 0; e < len; ++e) o[e] = keep[e] ? w[e] : 0.0f;
+    } else {
+      for (int64_t e = 0; e < len; ++e) o[e] = w[e];
+    }
+    return;
+  }
+  uint16_t* __restrict o = static_cast<uint16_t*>(out);
+  if (type == DType::BF16) {
+    for (int64_t e = 0; e < len; ++e) o[e] = step_kernels::bf16_from_f32(keep && !keep[e] ? 0.0f : w[e]);
+  } else {
+    for (int64_t e = 0; e < len; ++e) o[e] = step_kernels::f16_from_f32(keep && !keep[e] ? 0.0f : w[e]);
+  }
+}
+
+// One tile: at most kTile elements of whole groups (a sub-range of a chunk's segments). Its
+// passes run out of L1 while every stream of the tile is read from memory once.
+inline void step_tile(const Plan& plan, const TensorPlan& t, const Chunk& c, ChunkStats& st, int32_t* key,
+                      int32_t* keep_old, int32_t* keep_new) {
+  if (plan.masked) {
+    tile_mask(plan, t, c, key, keep_old, nullptr);
+    if (plan.frozen_v) {
+      update_tile_dispatch<true, true>(plan, t, c, keep_old, st);
+    } else {
+      update_tile_dispatch<true, false>(plan, t, c, keep_old, st);
+    }
+    if (c.nseg == 1 && t.out != nullptr && t.out_type != DType::F16) {  // write while selecting
+      const bool f32 = t.out_type == DType::F32;
+      void* out = static_cast<char*>(t.out) + c.base * (f32 ? 4 : 2);
+      st.flips += tile_mask(plan, t, c, key, keep_new, keep_old, out, f32 ? kOutF32 : kOutBF16);
+      return;
+    }
+    st.flips += tile_mask(plan, t, c, key, keep_new, keep_old);
+  } else {
+    update_tile_dispatch<false, false>(plan, t, c, keep_old, st);
+  }
+  if (t.out == nullptr) return;
+  const int64_t elem = t.out_type == DType::F32 ? 4 : 2;
+  for (int s = 0; s < c.nseg; ++s) {
+    const int64_t off = c.base + s * c.seg_stride;
+    write_segment(static_cast<char*>(t.out) + off * elem, t.out_type, t.w + off,
+                  plan.masked ? keep_new + s * c.seg_len : nullptr, c.seg_len);
+  }
+}
+
+// Steps chunks [begin, end) of the plan, tile by tile; stats[i] receives chunk i's partial sums.
+inline void run_chunks(const Plan& plan, int64_t begin, int64_t end, ChunkStats* stats) {
+  alignas(64) int32_t key[kTile];
+  alignas(64) int32_t keep_old[kTile];
+  alignas(64) int32_t keep_new[kTile];
+  for (int64_t i = begin; i < end; ++i) {
+    const Chunk& c = plan.chunks[i];
+    const TensorPlan& t = plan.tensors[c.tensor];
+    const int32_t cols = c.nseg == 1 ? static_cast<int32_t>(kTile) : std::max<int32_t>(1, kTile / c.nseg);
+    for (int32_t p0 = 0; p0 < c.seg_len; p0 += cols) {
+      Chunk tile = c;
+      tile.base += p0;
+      tile.seg_len = std::min(cols, c.seg_len - p0);
+      step_tile(plan, t, tile, stats[i], key, keep_old, keep_new);
+    }
+  }
+}

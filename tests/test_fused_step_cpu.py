@@ -1,0 +1,408 @@
+"""The C++ fused step (backend "cpu", csrc/fused_step_cpu.cpp) against step_kernels.reference.
+
+Exactness: masks, m, v, flips and everything of a frozen-preconditioner step are bit-identical to
+the reference. With a live v (phase 1, "dense", "srste") the weight may differ: torch computes
+``v.sqrt()`` on CPU through MKL's vector math, which is not correctly rounded (1 ulp), while the
+kernel uses the IEEE square root. The Adam update term then differs by about 2 ulp of itself, so
+w may differ by 1 ulp of w plus 2^-22 of the update (which can exceed w where v is tiny), and the
+model parameter by 1 ulp of its dtype. The AutoSwitch sums are float64 sums of the same fp32 terms in another order (rtol 1e-12)
+and do not depend on the thread count: each chunk of 2048 elements keeps its own partial sum and
+the partials are added in chunk order.
+"""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import step_kernels as sk
+from step_kernels import ops
+from step_kernels import reference as ref
+from step_kernels.models import TinyGPT
+
+pytestmark = pytest.mark.skipif(
+    ops.backend_status("cpu", torch.device("cpu")) is not None,
+    reason=f"backend 'cpu' unavailable: {ops.backend_status('cpu', torch.device('cpu'))}",
+)
+
+FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (masked, frozen_v, compute_stats): dense AdamW, phase 1 with AutoSwitch sums, SR-STE, phase 2
+FLAGS = {"dense": (False, False, False), "phase1": (False, False, True),
+         "srste": (True, False, False), "phase2": (True, True, False)}
+NM = [(1, 2), (1, 4), (2, 4), (3, 4), (1, 8), (2, 8), (4, 8), (7, 8), (1, 16), (5, 16), (1, 32), (2, 32),
+      (16, 32), (31, 32)]
+
+
+def scalars(step=7, lr=0.05, weight_decay=0.1, srste_decay=0.3):
+    return ref.step_scalars(lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=weight_decay, step=step,
+                            srste_decay=srste_decay)
+
+
+def make_tensors(shapes, *, frozen, g_dtype, out_dtype, p_dtype=torch.float32, seed=0):
+    """Per tensor [w, g, m, second, out]. Half of each w is quantized so groups hold ties."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = []
+    for shape in shapes:
+        w = torch.randn(shape, generator=gen)
+        flat = w.view(-1)
+        flat[: flat.numel() // 2] = torch.round(flat[: flat.numel() // 2] * 4) / 4
+        g = (torch.randn(shape, generator=gen) * 0.5).to(g_dtype)
+        m = torch.randn(shape, generator=gen) * 0.1
+        if frozen:
+            second = (torch.rand(shape, generator=gen) * 20 + 0.5).to(p_dtype)
+        else:
+            second = torch.rand(shape, generator=gen) * 0.01
+        out = torch.full(shape, 7.0, dtype=out_dtype) if out_dtype is not None else None
+        tensors.append([w, g, m, second, out])
+    return tensors
+
+
+def clone(tensors):
+    return [[t.clone() if t is not None else None for t in ts] for ts in tensors]
+
+
+def run(backend, tensors, *, flags, n=0, m=0, dims=None, s=None, grad_scale=None, found_inf=None):
+    masked, frozen, stats = FLAGS[flags] if isinstance(flags, str) else flags
+    cols = list(zip(*tensors))
+    totals, _ = ops.fused_step(
+        backend, *[list(c) for c in cols], masked=masked, frozen_v=frozen, n=n, m=m,
+        group_dims=dims if masked else None, scalars=s or scalars(), grad_scale=grad_scale,
+        found_inf=found_inf, compute_stats=stats,
+    )
+    return totals
+
+
+def assert_same(actual, expected, what):
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def assert_live_w(actual, expected, w_before, decay_factor, what):
+    """|actual - expected| <= 1 ulp(expected) + 2^-22 |update| (the reference's sqrt rounding)."""
+    update = (expected - w_before * torch.tensor(decay_factor, dtype=torch.float32)).abs()
+    spacing = (torch.nextafter(expected.abs(), torch.tensor(math.inf)) - expected.abs())
+    allowed = spacing + update * 2.0**-22
+    finite = ~torch.isnan(expected)
+    assert torch.equal(torch.isnan(actual), torch.isnan(expected)), f"{what}: NaN positions differ"
+    excess = (actual - expected).abs()[finite] > allowed[finite]
+    assert not excess.any(), f"{what}: {int(excess.sum())} elements beyond the reference's rounding"
+
+
+def compare(ours, theirs, tot_ours, tot_ref, *, flags, w_before, decay_factor, n=0, m=0, dims=None):
+    """Bit equality except the live-v weight (see the module docstring); the model parameter is
+    exactly the rounded (masked) weight of the kernel, and its mask exactly the reference's."""
+    masked, frozen, stats = FLAGS[flags] if isinstance(flags, str) else flags
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        if frozen:
+            assert_same(a[0], b[0], f"w[{i}]")
+        else:
+            assert_live_w(a[0], b[0], w_before[i], decay_factor, f"w[{i}]")
+        assert_same(a[2], b[2], f"m[{i}]")
+        assert_same(a[3], b[3], f"second[{i}]")
+        if a[4] is not None:
+            if masked:
+                keep = ref.nm_mask(a[0], n, m, dims[i])
+                assert torch.equal(keep, ref.nm_mask(b[0], n, m, dims[i])), f"mask of tensor {i} differs"
+                expected = torch.where(keep, a[0], torch.zeros(()))
+            else:
+                expected = a[0]
+            assert_same(a[4], expected.to(a[4].dtype), f"model_param[{i}]")
+            if frozen:
+                assert_same(a[4], b[4], f"model_param[{i}]")
+    assert tot_ours.dtype == torch.float64 and tot_ours.shape == (3,)
+    assert tot_ours[2].item() == tot_ref[2].item(), "flips"
+    torch.testing.assert_close(tot_ours[:2], tot_ref[:2], rtol=1e-12, atol=0)
+
+
+def check_against_reference(shapes, *, flags, n=0, m=0, dims=None, g_dtype=torch.float32, out_dtype=None,
+                            p_dtype=torch.float32, s=None, seed=0, **kwargs):
+    frozen = FLAGS[flags][1]
+    theirs = make_tensors(shapes, frozen=frozen, g_dtype=g_dtype, out_dtype=out_dtype, p_dtype=p_dtype, seed=seed)
+    ours = clone(theirs)
+    s = s or scalars()
+    w_before = [ts[0].clone() for ts in theirs]
+    tot_ref = run("reference", theirs, flags=flags, n=n, m=m, dims=dims, s=s, **kwargs)
+    tot_ours = run("cpu", ours, flags=flags, n=n, m=m, dims=dims, s=s, **kwargs)
+    compare(ours, theirs, tot_ours, tot_ref, flags=flags, w_before=w_before, decay_factor=s.decay_factor, n=n,
+            m=m, dims=dims)
+    return ours, tot_ours
+
+
+# ---------------------------------------------------------------------------------------------
+# equality with the reference
+# ---------------------------------------------------------------------------------------------
+
+
+# a bf16 second moment exists only as the frozen preconditioner
+@pytest.mark.parametrize("flags,p_dtype", [(f, torch.float32) for f in FLAGS] + [("phase2", torch.bfloat16)])
+@pytest.mark.parametrize("g_dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("out_dtype", [None] + FLOAT_DTYPES)
+def test_flags_and_dtypes_match_reference(flags, p_dtype, g_dtype, out_dtype):
+    masked = FLAGS[flags][0]
+    # one multi-tensor call: Linear (groups along dim 1), Conv1D (dim 0), a single group; dense
+    # calls also take vectors and a scalar
+    shapes = [(3, 4 * 257), (4 * 15, 7), (1, 4)] + ([] if masked else [(257,), ()])
+    ours, totals = check_against_reference(shapes, flags=flags, n=2, m=4, dims=[1, 0, -1], g_dtype=g_dtype,
+                                           out_dtype=out_dtype, p_dtype=p_dtype)
+    if masked:
+        assert totals[2].item() > 0, "the case should flip some masks"
+
+
+@pytest.mark.parametrize("n,m", NM)
+@pytest.mark.parametrize("flags", ["srste", "phase2"])
+@pytest.mark.parametrize("orientation", ["linear", "conv1d"])
+def test_every_nm_matches_reference(n, m, flags, orientation):
+    shapes = [(5, m * 37)] if orientation == "linear" else [(m * 37, 5)]
+    check_against_reference(shapes, flags=flags, n=n, m=m, dims=[1 if orientation == "linear" else 0],
+                            out_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("groups", [1, 15, 257, 4097])
+@pytest.mark.parametrize("m", [4, 32])
+@pytest.mark.parametrize("layout", ["linear", "conv1d", "conv1d-wide"])
+def test_awkward_sizes_match_reference(groups, m, layout):
+    # linear: one row of `groups` groups; conv1d: `groups` groups down 3 columns; conv1d-wide: one
+    # group-row across `groups` columns (the strided tiles cut through the columns)
+    shape, dim = {"linear": ((1, m * groups), 1), "conv1d": ((m * groups, 3), 0),
+                  "conv1d-wide": ((m, groups), 0)}[layout]
+    check_against_reference([shape], flags="phase2", n=m // 4, m=m, dims=[dim], out_dtype=torch.float16,
+                            p_dtype=torch.bfloat16)
+    if layout == "linear":
+        check_against_reference([shape], flags="phase1", out_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("flags", ["srste", "phase2"])
+def test_nan_inf_zero_and_ties_follow_the_rules(flags):
+    frozen = FLAGS[flags][1]
+    theirs = make_tensors([(4, 16)], frozen=frozen, g_dtype=torch.float32, out_dtype=torch.bfloat16)
+    w = theirs[0][0]
+    w[0, :4] = torch.tensor([float("nan"), 1.0, float("inf"), -2.0])   # NaN counts as +inf
+    w[1, :4] = torch.tensor([-0.0, 0.0, -0.0, 0.0])                       # all tie: lower index wins
+    w[2, :4] = torch.tensor([3.0, -3.0, 3.0, 1.0])                        # ties on magnitude
+    w[3, :8] = torch.tensor([float("nan")] * 3 + [1.0] * 5)               # more NaNs than N
+    theirs[0][1][1, :4] = 0.0  # grads of the zero group stay zero, so its ties survive the step
+    theirs[0][2][1, :4] = 0.0
+    ours = clone(theirs)
+    keep_before = ref.nm_mask(w, 2, 4, 1)
+    w_before = [w.clone()]
+    tot_ref = run("reference", theirs, flags=flags, n=2, m=4, dims=[1], s=scalars(weight_decay=0.0))
+    tot_ours = run("cpu", ours, flags=flags, n=2, m=4, dims=[1], s=scalars(weight_decay=0.0))
+    compare(ours, theirs, tot_ours, tot_ref, flags=flags, w_before=w_before, decay_factor=1.0, n=2, m=4, dims=[1])
+    out, w_new = ours[0][4], ours[0][0]
+    keep = ref.nm_mask(w_new, 2, 4, 1)
+    assert keep.view(-1, 4).sum(1).eq(2).all(), "exactly N kept in every group"
+    assert keep_before[0, :4].tolist() == [True, False, True, False]
+    assert keep[1, :4].tolist() == [True, True, False, False]
+    assert keep[3, :4].tolist() == [True, True, False, False]
+    assert torch.isnan(out[0, 0]) and torch.isnan(out[3, :2]).all(), "a kept NaN stays visible"
+    pruned = out.float()[~keep]
+    assert pruned.eq(0).all() and not torch.signbit(pruned).any(), "pruned entries are +0.0"
+
+
+def test_grad_scale_divides_and_found_inf_skips():
+    theirs = make_tensors([(6, 64)], frozen=True, g_dtype=torch.float16, out_dtype=torch.bfloat16)
+    ours = clone(theirs)
+    scale = torch.tensor(1024.0)
+    tot_ref = run("reference", theirs, flags="phase2", n=2, m=4, dims=[1], grad_scale=scale)
+    tot_ours = run("cpu", ours, flags="phase2", n=2, m=4, dims=[1], grad_scale=scale)
+    compare(ours, theirs, tot_ours, tot_ref, flags="phase2", w_before=None, decay_factor=None, n=2, m=4, dims=[1])
+    before = clone(ours)
+    for found in (torch.tensor(1.0), torch.tensor([float("inf")])):
+        tot = run("cpu", ours, flags="phase2", n=2, m=4, dims=[1], grad_scale=scale, found_inf=found)
+        assert tot.tolist() == [0.0, 0.0, 0.0]
+        for a, b in zip(ours[0], before[0]):
+            assert torch.equal(a, b), "found_inf must leave every tensor untouched"
+    run("cpu", ours, flags="phase2", n=2, m=4, dims=[1], grad_scale=scale, found_inf=torch.tensor(0.0))
+    assert not torch.equal(ours[0][0], before[0][0]), "found_inf == 0 steps"
+
+
+# ---------------------------------------------------------------------------------------------
+# determinism: threads and instruction sets
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags", ["phase1", "srste", "phase2"])
+def test_one_and_two_threads_give_identical_results(flags):
+    frozen = FLAGS[flags][1]
+    base = make_tensors([(64, 2048), (4 * 300, 24)], frozen=frozen, g_dtype=torch.bfloat16,
+                        out_dtype=torch.bfloat16)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            ts = clone(base)
+            totals = run("cpu", ts, flags=flags, n=2, m=4, dims=[1, 0])
+            results.append((ts, totals))
+    finally:
+        torch.set_num_threads(before)
+    (a, ta), (b, tb) = results
+    assert torch.equal(ta, tb), "sums and flips must not depend on the thread count"
+    for x, y in zip(a[0] + a[1], b[0] + b[1]):
+        assert torch.equal(x, y)
+
+
+def supported_isas():
+    names = []
+    for isa in ("avx512", "avx2", "baseline"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("STEP_KERNELS_CPU_ISA", isa)
+            try:
+                torch.ops.step_kernels.fused_step_cpu_isa()
+            except RuntimeError:
+                continue
+        names.append(isa)
+    return names
+
+
+@pytest.mark.parametrize("flags", ["phase1", "srste", "phase2"])
+def test_every_instruction_set_matches_reference(flags, monkeypatch):
+    isas = supported_isas()
+    assert "baseline" in isas
+    for isa in isas:
+        monkeypatch.setenv("STEP_KERNELS_CPU_ISA", isa)
+        assert torch.ops.step_kernels.fused_step_cpu_isa() == isa
+        check_against_reference([(8, 8 * 129), (8 * 9, 5)], flags=flags, n=3, m=8, dims=[1, 0],
+                                g_dtype=torch.float16, out_dtype=torch.float16)
+    monkeypatch.setenv("STEP_KERNELS_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="STEP_KERNELS_CPU_ISA"):
+        torch.ops.step_kernels.fused_step_cpu_isa()
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: a clear error naming the tensor, and nothing written
+# ---------------------------------------------------------------------------------------------
+
+
+def _bad(kind):
+    """(tensors, flags, n, m, dims, error type, message pattern) with tensor 1 of 2 broken."""
+    ts = make_tensors([(4, 8), (4, 8)], frozen=True, g_dtype=torch.float32, out_dtype=torch.float32)
+    flags, n, m, dims = "phase2", 2, 4, [1, 1]
+    err, match = ValueError, None
+    if kind == "grad shape":
+        ts[1][1] = torch.zeros(4, 4)
+        match = r"grads\[1\] has shape \[4, 4\] but weights\[1\] has shape \[4, 8\]"
+    elif kind == "weight dtype":
+        ts[1][0] = ts[1][0].double()
+        err, match = TypeError, r"weights\[1\] must be float32"
+    elif kind == "grad dtype":
+        ts[1][1] = ts[1][1].double()
+        err, match = TypeError, r"grads\[1\] has dtype Double"
+    elif kind == "strided m":
+        ts[1][2] = torch.zeros(8, 4).t()
+        match = r"exp_avgs\[1\] .* must be contiguous"
+    elif kind == "live v in bf16":
+        flags = "srste"
+        ts[1][3] = ts[1][3].bfloat16()
+        err, match = TypeError, r"second_moments\[1\] has dtype BFloat16; v must be float32"
+    elif kind == "indivisible group dim":
+        dims = [1, 0]
+        ts[1] = make_tensors([(6, 8)], frozen=True, g_dtype=torch.float32, out_dtype=torch.float32)[0]
+        match = r"weights\[1\]: size 6 of dim 0 \(shape \[6, 8\]\) is not divisible by M=4"
+    elif kind == "model param is master":
+        ts[1][4] = ts[1][0]
+        match = r"model_params\[1\] is weights\[1\]"
+    elif kind == "bad N:M":
+        n, m = 4, 4
+        match = "N must satisfy 1 <= N < M"
+    elif kind == "M not a power of two":
+        n, m = 1, 6
+        match = "M must be a power of two"
+    elif kind == "frozen without mask":
+        flags = (False, True, False)
+        match = "frozen_v=True requires masked=True"
+    return ts, flags, n, m, dims, err, match
+
+
+@pytest.mark.parametrize("kind", ["grad shape", "weight dtype", "grad dtype", "strided m", "live v in bf16",
+                                  "indivisible group dim", "model param is master", "bad N:M",
+                                  "M not a power of two", "frozen without mask"])
+def test_bad_input_names_the_tensor_and_changes_nothing(kind):
+    ts, flags, n, m, dims, err, match = _bad(kind)
+    before = clone(ts)
+    with pytest.raises(err, match=match):
+        run("cpu", ts, flags=flags, n=n, m=m, dims=dims)
+    for a, b in zip(ts, before):
+        for x, y in zip(a, b):
+            assert x is None or torch.equal(x, y), "a failed call must leave its inputs untouched"
+
+
+def test_group_dims_and_list_lengths_are_checked():
+    ts = make_tensors([(4, 8)], frozen=True, g_dtype=torch.float32, out_dtype=None)
+    with pytest.raises(ValueError, match="group_dims has 2 entries for 1 tensors"):
+        run("cpu", ts, flags="phase2", n=2, m=4, dims=[1, 1])
+    w, g, m1, p, out = ts[0]
+    with pytest.raises(ValueError, match="must have the same length"):
+        ops.fused_step("cpu", [w], [g, g], [m1], [p], [out], masked=False, frozen_v=False, scalars=scalars())
+
+
+def test_empty_lists_and_empty_tensors():
+    totals, launches = ops.fused_step("cpu", [], [], [], [], [], masked=False, frozen_v=False, scalars=scalars())
+    assert totals.tolist() == [0.0, 0.0, 0.0] and launches == 1
+    check_against_reference([(0, 8), (4, 8)], flags="phase2", n=2, m=4, dims=[1, 1], out_dtype=torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# the optimizer on backend "cpu" (what backend="auto" picks on CPU)
+# ---------------------------------------------------------------------------------------------
+
+
+class Conv1D(nn.Module):
+    """transformers' Conv1D layout: weight [in, out]."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
+
+    def forward(self, x):
+        return x @ self.weight
+
+
+def test_auto_picks_cpu_backend():
+    assert sk.resolve_backend("auto", torch.device("cpu")) == "cpu"
+    assert sk.STEP(nn.Linear(8, 4).parameters(), recipe="dense").backend == "cpu"
+
+
+def mlp(dtype):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(48, 128), nn.LayerNorm(128), Conv1D(64, 128), nn.Linear(64, 16)).to(dtype)
+
+
+@pytest.mark.parametrize("recipe,dtype,precond_dtype", [
+    ("step", torch.float32, torch.float32),
+    ("step", torch.bfloat16, torch.bfloat16),
+    ("srste", torch.float32, torch.float32),
+])
+def test_fifty_optimizer_steps_match_reference_backend(recipe, dtype, precond_dtype):
+    """50 steps of an MLP with Linear and Conv1D targets (plus dense biases and a LayerNorm),
+    through the switch at step 20 (or SR-STE throughout): same switch, same masks and flips,
+    weights and state within the live-v rounding accumulated over the steps. The grads are
+    fixed random tensors, not backprop: a forward through weights that differ by an ulp would
+    make the two runs see different grads (chaotic for a bf16 model or a key bias)."""
+    runs = []
+    for backend in ("reference", "cpu"):
+        model = mlp(dtype)
+        opt = sk.STEP(sk.sparse_param_groups(model, exclude=[]), lr=3e-3, weight_decay=0.01, recipe=recipe,
+                      backend=backend, switch=20 if recipe == "step" else None, precond_dtype=precond_dtype)
+        assert opt.backend == backend
+        dims = sorted(g["nm_dim"] for g in opt.param_groups if g.get("sparsity"))
+        assert dims == [0, 1], "both orientations are targets"
+        flips = []
+        for step in range(50):
+            gen = torch.Generator().manual_seed(1000 + step)
+            for p in model.parameters():
+                p.grad = (torch.randn(p.shape, generator=gen) * 0.1).to(dtype)
+            opt.step()
+            flips.append(opt.stats()["flip_rate"])
+        runs.append((model, opt, flips))
+    (model_r, opt_r, flips_r), (model_c, opt_c, flips_c) = runs
+    assert opt_c.phase == opt_r.phase and opt_c.switch_step == opt_r.switch_step
+    assert opt_c.stats()["kernel_launches"] < opt_r.stats()["kernel_launches"]
+    assert flips_c == flips_r
+    for (name, pr), pc in zip(model_r.named_parameters(), model_c.parameters()):
+        assert torch.equal(pr == 0, pc == 0), f"{name}: masks differ"
+        torch.testing.assert_close(pc, pr, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+        for key, value in opt_r.state[pr].items():
+            torch.testing.assert_close(opt_c.state[pc][key], value, rtol=1e-5, atol=1e-7,
+                                       msg=lambda m: f"{name} state {key}: {m}")
