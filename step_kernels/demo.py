@@ -51,8 +51,8 @@ def verify_pattern(model: TinyGPT, sparsity: str) -> bool:
 def run_recipe(recipe: str, args, train: torch.Tensor, val: torch.Tensor) -> Dict:
     torch.manual_seed(args.seed)
     model = TinyGPT(ctx=args.ctx, d_model=args.d_model, n_layer=args.n_layer, n_head=4)
-    opt = STEP(sparse_param_groups(model, sparsity=args.sparsity), lr=args.lr, weight_decay=0.01,
-               recipe=recipe, total_steps=args.steps, backend=args.backend)
+    opt = STEP(sparse_param_groups(model, sparsity=args.sparsity), lr=args.lr, betas=(0.9, args.beta2),
+               weight_decay=0.01, recipe=recipe, total_steps=args.steps, backend=args.backend)
     gen = torch.Generator().manual_seed(args.seed)
     curve: List[tuple] = []
     start = time.perf_counter()
@@ -108,15 +108,18 @@ def plot(results: List[Dict], path: str, title: str) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--ctx", type=int, default=64)
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--n-layer", type=int, default=2)
     parser.add_argument("--lr", type=float, default=3e-3)
+    # AutoSwitch averages Z over round(1 / (1 - beta2)) steps: 100 here. With 0.999 the window
+    # (1000) could not fill before T_max (half the run) and the switch would always be T_max.
+    parser.add_argument("--beta2", type=float, default=0.99)
     parser.add_argument("--sparsity", default="2:4")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--eval-every", type=int, default=150)
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--out", default="demo_out")
