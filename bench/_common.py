@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import re
@@ -118,3 +119,20 @@ def markdown_table(rows: List[Dict], columns: List[tuple]) -> str:
             cells.append("-" if value is None else (format(value, fmt) if fmt else str(value)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def standalone_main(module, argv=None) -> None:
+    """``python -m bench.<module>``: run one benchmark module alone and print its table.
+
+    ``module`` follows the protocol of ``bench/__main__.py`` (``run``, ``to_markdown`` and
+    optionally ``skip_reason``); ``--device`` defaults to CUDA when present.
+    """
+    parser = argparse.ArgumentParser(description=(module.__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    reason = getattr(module, "skip_reason", lambda d: None)(device)
+    if reason:
+        raise SystemExit(f"{module.NAME}: not run: {reason}")
+    print(module.to_markdown(module.run(device, args.quick)))

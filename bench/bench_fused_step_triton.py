@@ -14,10 +14,12 @@ Run alone: ``python -m bench.bench_fused_step_triton [--quick]``; the module has
 
 from __future__ import annotations
 
-import argparse
+import sys
 from typing import Callable, Dict, List, Optional
 
 import torch
+
+from ._common import standalone_main
 
 NAME = "fused_step_triton"
 GB = 1e9
@@ -112,17 +114,5 @@ def to_markdown(rows: List[Dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    reason = skip_reason(device)
-    if reason:
-        print(f"{NAME}: skipped: {reason}")
-        return
-    print(to_markdown(run(device, args.quick)))
-
-
 if __name__ == "__main__":
-    main()
+    standalone_main(sys.modules[__name__])

@@ -12,7 +12,7 @@ Run alone: ``python -m bench.bench_optimizer_step [--quick] [--device cuda]``.
 
 from __future__ import annotations
 
-import argparse
+import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -21,7 +21,7 @@ import torch
 import step_kernels
 from step_kernels import STEP, AutoSwitch
 
-from ._common import copy_of_bytes, interleaved_medians, markdown_table
+from ._common import copy_of_bytes, interleaved_medians, markdown_table, standalone_main
 
 NAME = "optimizer_step"
 GB = 1e9
@@ -213,13 +213,5 @@ def plot(results: List[Dict], path: str) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-    print(to_markdown(run(torch.device(args.device), args.quick)))
-
-
 if __name__ == "__main__":
-    main()
+    standalone_main(sys.modules[__name__])

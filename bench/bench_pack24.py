@@ -12,12 +12,12 @@ Run alone: ``python -m bench.bench_pack24 [--quick] [--device cuda]``.
 
 from __future__ import annotations
 
-import argparse
+import sys
 from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ._common import copy_of_bytes, interleaved_medians, markdown_table
+from ._common import copy_of_bytes, interleaved_medians, markdown_table, standalone_main
 
 NAME = "pack24"
 GB = 1e9
@@ -114,17 +114,5 @@ def to_markdown(results: List[Dict]) -> str:
     ])
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    reason = skip_reason(device)
-    if reason:
-        raise SystemExit(f"pack24 benchmark not run: {reason}")
-    print(to_markdown(run(device, args.quick)))
-
-
 if __name__ == "__main__":
-    main()
+    standalone_main(sys.modules[__name__])

@@ -10,13 +10,13 @@ Run alone: ``python -m bench.bench_sparse_linear [--quick]``.
 
 from __future__ import annotations
 
-import argparse
+import sys
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
-from ._common import interleaved_medians, markdown_table
+from ._common import interleaved_medians, markdown_table, standalone_main
 
 NAME = "sparse_linear"
 
@@ -74,16 +74,5 @@ def to_markdown(results: List[Dict]) -> str:
     ])
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    reason = skip_reason(device)
-    if reason:
-        raise SystemExit(f"sparse linear benchmark not run: {reason}")
-    print(to_markdown(run(device, args.quick)))
-
-
 if __name__ == "__main__":
-    main()
+    standalone_main(sys.modules[__name__])

@@ -10,10 +10,12 @@ Run alone: ``python -m bench.static_kernels [--quick]``.
 
 from __future__ import annotations
 
-import argparse
+import sys
 from typing import Callable, Dict, List, Optional
 
 import torch
+
+from ._common import standalone_main
 
 NAME = "static_kernels"
 
@@ -48,12 +50,5 @@ def to_markdown(rows: List[Dict]) -> str:
     return _aot.format_report(rows)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    print(to_markdown(run(torch.device("cpu"), args.quick)))
-
-
 if __name__ == "__main__":
-    main()
+    standalone_main(sys.modules[__name__])
