@@ -151,7 +151,7 @@ def summary_tables(results: Dict[str, Dict]) -> str:
         if rows:
             metric = TASKS[task].metric
             direction = "higher" if TASKS[task].higher_is_better else "lower"
-            lines += [f"**{task}** ({TASKS[task].__doc__.splitlines()[0]}) — {metric}, {direction} is better",
+            lines += [f"**{task}** ({TASKS[task].__doc__.splitlines()[0].rstrip('.')}): {metric}, {direction} is better",
                       "", f"| recipe | N:M | lr (tuned) | {metric} mean ± std | switch step (mean) |",
                       "|---|---|---|---|---|", *rows, ""]
     lr = tuned_lr("lm", "step", results)
@@ -201,11 +201,13 @@ def _plot(results: Dict[str, Dict], task: str, path: str) -> bool:
         ax.set_title(f"{task} {sparsity}", fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel(TASKS[task].metric)
-        ax.legend(fontsize=7)
+        if ax.get_lines():
+            ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         fax.set_xlabel("step")
         fax.set_ylabel("mask flip rate (seed 0)")
-        fax.legend(fontsize=7)
+        if fax.get_lines():
+            fax.legend(fontsize=7)
         fax.grid(alpha=0.3)
     if drawn:
         fig.tight_layout()
@@ -224,9 +226,9 @@ def cmd_report(args) -> None:
         png = os.path.join(HERE, f"{task}.png")
         if _plot(results, task, png):
             plots.append(f"![{task}](bench/accuracy/{task}.png)")
-    machines = sorted({f"{r['threads']} threads, torch {r['torch']}" for r in results.values()})
+    machines = sorted({f"{r['threads']} threads, torch {r['torch']}, backend {r['backend']}" for r in results.values()})
     body = (f"{done} of {len(configs)} planned runs done (the plan grows once each recipe's lr is tuned). "
-            f"Made on {', '.join(machines) or 'no runs yet'} (CPU). Regenerate with "
+            f"Made on a 2-core x86_64 CPU VM with {'; '.join(machines) or 'no runs yet'}. Regenerate with "
             f"`python -m bench.accuracy.study report`; continue with `python -m bench.accuracy.study run`.\n\n"
             f"{tables}\n" + "\n".join(plots) + "\n")
     with open(REPORT, "w") as f:
