@@ -171,6 +171,16 @@ def test_awkward_sizes_match_reference(groups, m, layout):
         check_against_reference([shape], flags="phase1", out_dtype=torch.bfloat16)
 
 
+@pytest.mark.parametrize("groups", [1, 4, 15, 257, 4097])
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("flags", ["srste", "phase2"])
+def test_one_pass_n4_with_fp32_model_matches_reference(groups, n, flags):
+    # contiguous N:4 groups with an fp32 model parameter take the one-pass loop for whole blocks of
+    # 16 weights and the passes for the rest (1 and 15 groups: a partial block; 4097: both)
+    check_against_reference([(1, 4 * groups), (3, 4 * groups)], flags=flags, n=n, m=4, dims=[1, 1],
+                            out_dtype=torch.float32)
+
+
 @pytest.mark.parametrize("flags", ["srste", "phase2"])
 def test_nan_inf_zero_and_ties_follow_the_rules(flags):
     frozen = FLAGS[flags][1]
