@@ -10,7 +10,11 @@
 // of L1; tiles this short keep every stream advancing together, so the hardware prefetchers keep
 // up (2048-element tiles ran 1.5-2x slower), and longer than 128 to amortize the calls. Selection
 // of contiguous groups (M <= 16) runs on 16 lanes with in-group rotations (M - 1 shuffles and
-// compares per 16 weights); strided groups (Conv1D) rank across rows with lanes over columns.
+// compares per 16 weights; N:4 on AVX-512: 2, with the rank counted on bit masks, see keep16);
+// strided groups (Conv1D) rank across rows with lanes over columns. At 1 thread phase 2 is bound
+// by these vector operations more than by its bytes. A one-pass loop per 16 weights (old mask,
+// update, new mask and model parameter in registers) measured faster on fresh tensors but 1.4x
+// slower inside the STEP optimizer, so the tile keeps its passes.
 //
 // This file has no include guard on purpose: fused_step_cpu.cpp includes it once per instruction
 // set, inside a namespace and a `#pragma GCC target` region, so the compiler vectorizes it for
@@ -57,7 +61,7 @@ STEP_HD_INLINE v16i keep16(const v16i& bits, int n) {
     // Two rotations and compares give the masks "entry i+1 beats i" (b1) and "entry i+2 beats i"
     // (b2). Of two entries exactly one beats the other, so "entry i-1 beats i" is b1 rotated and
     // complemented; the rank (0..3) is the bit count of the three masks, done in scalar registers,
-    // which leaves the vector units 8 operations per 16 weights instead of 18.
+    // which leaves the vector units about 8 operations per 16 weights instead of 18.
     const v16i lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     const v16i other1 = __builtin_shuffle(key, (lane & ~3) | ((lane + 1) & 3));
     const v16i other2 = __builtin_shuffle(key, (lane & ~3) | ((lane + 2) & 3));
@@ -200,20 +204,6 @@ inline float load_f32(float x) { return x; }
 inline float load_f32(BF16 x) { return step_kernels::f32_from_bf16(x.bits); }
 inline float load_f32(F16 x) { return step_kernels::f32_from_f16(x.bits); }
 
-typedef float v16f __attribute__((vector_size(64)));
-
-// 16 consecutive elements of a stream, widened to fp32.
-STEP_HD_INLINE void load16(const float* p, v16f& out) { std::memcpy(&out, p, sizeof out); }
-STEP_HD_INLINE void load16(const BF16* p, v16f& out) {
-  v16h h;
-  std::memcpy(&h, p, sizeof h);
-  const v16u u = __builtin_convertvector(h, v16u) << 16;
-  out = (v16f)u;  // a GCC vector cast keeps the bits
-}
-STEP_HD_INLINE void load16(const F16* p, v16f& out) {
-  for (int k = 0; k < 16; ++k) out[k] = load_f32(p[k]);
-}
-
 // The update of one segment, in place; grads and a frozen p are widened as they are read.
 // Returns the AutoSwitch sums in `stats` when STATS.
 template <class G, class S, bool MASKED, bool FROZEN, bool SCALE, bool STATS>
@@ -240,103 +230,45 @@ inline void update_segment(float* __restrict w, const G* __restrict g, float* __
   }
 }
 
-// Op::run<G, S, SCALE, STATS>(plan, t, args...) for the streams of tensor t: the update of every tile
-// of the given segments.
-template <bool MASKED, bool FROZEN>
-struct UpdateTile {
-  template <class G, class S, bool SCALE, bool STATS>
-  static void run(const Plan& plan, const TensorPlan& t, const Chunk& c, const int32_t* keep_old, ChunkStats& stats) {
-    for (int i = 0; i < c.nseg; ++i) {
-      const int64_t off = c.base + i * c.seg_stride;
-      update_segment<G, S, MASKED, FROZEN, SCALE, STATS>(
-          t.w + off, static_cast<const G*>(t.g) + off, t.m + off, static_cast<S*>(t.second) + off,
-          keep_old + i * c.seg_len, c.seg_len, plan.scalars, plan.scale, stats);
-    }
-  }
-};
-
-// One pass over the first `len` elements (a multiple of 16) of a contiguous chunk of a masked step
-// with 4-wide groups and an fp32 model parameter: per 16 weights the old mask, the update, the new
-// mask, the flips and the model parameter, all in registers, so each element is loaded and stored
-// once (at 1 thread the selections are the bottleneck, not the 28 B of traffic: 1.30x -> 1.20x
-// fused AdamW). A bf16 model parameter ran slower this way than through the passes of
-// step_tile_passes (1.03x -> 1.12x), so it stays there.
-template <bool FROZEN>
-struct MaskedPass4 {
-  template <class G, class S, bool SCALE, bool STATS>
-  static void run(const Plan& plan, const TensorPlan& t, const Chunk& c, int32_t len, ChunkStats& stats) {
-    float* __restrict w = t.w + c.base;
-    const G* __restrict g = static_cast<const G*>(t.g) + c.base;
-    float* __restrict m = t.m + c.base;
-    S* __restrict second = static_cast<S*>(t.second) + c.base;
-    float* __restrict out = static_cast<float*>(t.out) + c.base;
-    const StepScalarsF s = plan.scalars;
-    const float scale = plan.scale;
-    const int n = plan.n;
-    v16i flips = {};
-    for (int32_t e = 0; e < len; e += 16) {
-      v16f wv, mv, gv, sv;
-      std::memcpy(&wv, w + e, sizeof wv);
-      std::memcpy(&mv, m + e, sizeof mv);
-      load16(g + e, gv);
-      load16(second + e, sv);
-      const v16i keep_old = keep16<4>((v16i)wv, n);
-      for (int k = 0; k < 16; ++k) {  // lane by lane: the compiler turns it into vector code
-        float we = wv[k], me = mv[k], se = sv[k];
-        step_kernels::step_element<true, FROZEN>(we, SCALE ? gv[k] / scale : gv[k], me, se, keep_old[k] != 0, s);
-        wv[k] = we;
-        mv[k] = me;
-        sv[k] = se;
-      }
-      std::memcpy(w + e, &wv, sizeof wv);
-      std::memcpy(m + e, &mv, sizeof mv);
-      if constexpr (!FROZEN) std::memcpy(second + e, &sv, sizeof sv);
-      const v16i bits = (v16i)wv;
-      const v16i keep_new = keep16<4>(bits, n);
-      flips -= keep_new != keep_old;
-      store_out16<kOutF32>(bits, keep_new, out + e);
-    }
-    for (int k = 0; k < 16; ++k) stats.flips += flips[k];
-  }
-};
-
-// Calls Op::run<G, S, SCALE, STATS>(plan, t, args...) with the types of tensor t's streams: grad
-// dtype x preconditioner dtype (frozen only) x scale x stats (unmasked only).
-template <class Op, bool MASKED, bool FROZEN, bool SCALE, class G, class... A>
-inline void with_second_type(const Plan& plan, const TensorPlan& t, A&&... args) {
-  if constexpr (FROZEN) {
-    if (t.second_type == DType::BF16) return Op::template run<G, const BF16, SCALE, false>(plan, t, args...);
-    return Op::template run<G, const float, SCALE, false>(plan, t, args...);
-  } else if constexpr (MASKED) {
-    return Op::template run<G, float, SCALE, false>(plan, t, args...);
-  } else {
-    if (plan.compute_stats) return Op::template run<G, float, SCALE, true>(plan, t, args...);
-    return Op::template run<G, float, SCALE, false>(plan, t, args...);
+template <class G, class S, bool MASKED, bool FROZEN, bool SCALE, bool STATS>
+inline void update_tile(const Plan& plan, const TensorPlan& t, const Chunk& c, const int32_t* keep_old,
+                        ChunkStats& stats) {
+  for (int i = 0; i < c.nseg; ++i) {
+    const int64_t off = c.base + i * c.seg_stride;
+    update_segment<G, S, MASKED, FROZEN, SCALE, STATS>(
+        t.w + off, static_cast<const G*>(t.g) + off, t.m + off, static_cast<S*>(t.second) + off,
+        keep_old + i * c.seg_len, c.seg_len, plan.scalars, plan.scale, stats);
   }
 }
 
-template <class Op, bool MASKED, bool FROZEN, class... A>
-inline void with_stream_types(const Plan& plan, const TensorPlan& t, A&&... args) {
-  if (plan.has_scale) {
-    if (t.g_type == DType::BF16) return with_second_type<Op, MASKED, FROZEN, true, BF16>(plan, t, args...);
-    if (t.g_type == DType::F16) return with_second_type<Op, MASKED, FROZEN, true, F16>(plan, t, args...);
-    return with_second_type<Op, MASKED, FROZEN, true, float>(plan, t, args...);
+// Picks the instantiation: grad dtype x preconditioner dtype (frozen only) x scale x stats
+// (unmasked only).
+template <class G, bool MASKED, bool FROZEN, bool SCALE>
+inline void update_tile_s(const Plan& plan, const TensorPlan& t, const Chunk& c, const int32_t* keep_old,
+                          ChunkStats& stats) {
+  if constexpr (FROZEN) {
+    if (t.second_type == DType::BF16)
+      return update_tile<G, const BF16, MASKED, FROZEN, SCALE, false>(plan, t, c, keep_old, stats);
+    return update_tile<G, const float, MASKED, FROZEN, SCALE, false>(plan, t, c, keep_old, stats);
+  } else if constexpr (MASKED) {
+    return update_tile<G, float, MASKED, FROZEN, SCALE, false>(plan, t, c, keep_old, stats);
+  } else {
+    if (plan.compute_stats) return update_tile<G, float, MASKED, FROZEN, SCALE, true>(plan, t, c, keep_old, stats);
+    return update_tile<G, float, MASKED, FROZEN, SCALE, false>(plan, t, c, keep_old, stats);
   }
-  if (t.g_type == DType::BF16) return with_second_type<Op, MASKED, FROZEN, false, BF16>(plan, t, args...);
-  if (t.g_type == DType::F16) return with_second_type<Op, MASKED, FROZEN, false, F16>(plan, t, args...);
-  with_second_type<Op, MASKED, FROZEN, false, float>(plan, t, args...);
 }
 
 template <bool MASKED, bool FROZEN>
 inline void update_tile_dispatch(const Plan& plan, const TensorPlan& t, const Chunk& c, const int32_t* keep_old,
                                  ChunkStats& stats) {
-  with_stream_types<UpdateTile<MASKED, FROZEN>, MASKED, FROZEN>(plan, t, c, keep_old, stats);
-}
-
-template <bool FROZEN>
-inline void masked_pass4_dispatch(const Plan& plan, const TensorPlan& t, const Chunk& c, int32_t len,
-                                  ChunkStats& stats) {
-  with_stream_types<MaskedPass4<FROZEN>, true, FROZEN>(plan, t, c, len, stats);
+  if (plan.has_scale) {
+    if (t.g_type == DType::BF16) return update_tile_s<BF16, MASKED, FROZEN, true>(plan, t, c, keep_old, stats);
+    if (t.g_type == DType::F16) return update_tile_s<F16, MASKED, FROZEN, true>(plan, t, c, keep_old, stats);
+    return update_tile_s<float, MASKED, FROZEN, true>(plan, t, c, keep_old, stats);
+  }
+  if (t.g_type == DType::BF16) return update_tile_s<BF16, MASKED, FROZEN, false>(plan, t, c, keep_old, stats);
+  if (t.g_type == DType::F16) return update_tile_s<F16, MASKED, FROZEN, false>(plan, t, c, keep_old, stats);
+  update_tile_s<float, MASKED, FROZEN, false>(plan, t, c, keep_old, stats);
 }
 
 // model_param = keep ? w : +0.0 (or w when keep is null), rounded to the model dtype.
@@ -361,8 +293,8 @@ inline void write_segment(void* out, DType type, const float* __restrict w, cons
 
 // One tile: at most kTile elements of whole groups (a sub-range of a chunk's segments). Its
 // passes run out of L1 while every stream of the tile is read from memory once.
-inline void step_tile_passes(const Plan& plan, const TensorPlan& t, const Chunk& c, ChunkStats& st, int32_t* key,
-                             int32_t* keep_old, int32_t* keep_new) {
+inline void step_tile(const Plan& plan, const TensorPlan& t, const Chunk& c, ChunkStats& st, int32_t* key,
+                      int32_t* keep_old, int32_t* keep_new) {
   if (plan.masked) {
     tile_mask(plan, t, c, key, keep_old, nullptr);
     if (plan.frozen_v) {
@@ -389,31 +321,6 @@ inline void step_tile_passes(const Plan& plan, const TensorPlan& t, const Chunk&
   }
 }
 
-// Whether chunk c of tensor t goes through the one-pass loop MaskedPass4 (contiguous 4-wide
-// groups, as 2:4, and an fp32 model parameter).
-inline bool one_pass(const Plan& plan, const TensorPlan& t, const Chunk& c) {
-  return plan.masked && plan.m == 4 && c.nseg == 1 && t.out != nullptr && t.out_type == DType::F32;
-}
-
-// One tile: the one-pass loop over its whole 16-weight blocks where it applies, the passes for
-// the rest (fewer than 16 elements) and for every other layout.
-inline void step_tile(const Plan& plan, const TensorPlan& t, const Chunk& c, ChunkStats& st, int32_t* key,
-                      int32_t* keep_old, int32_t* keep_new) {
-  const int32_t done = one_pass(plan, t, c) ? c.seg_len & ~15 : 0;
-  if (done > 0) {
-    if (plan.frozen_v) {
-      masked_pass4_dispatch<true>(plan, t, c, done, st);
-    } else {
-      masked_pass4_dispatch<false>(plan, t, c, done, st);
-    }
-  }
-  if (done == c.seg_len) return;
-  Chunk rest = c;
-  rest.base += done;
-  rest.seg_len -= done;
-  step_tile_passes(plan, t, rest, st, key, keep_old, keep_new);
-}
-
 // Steps chunks [begin, end) of the plan, tile by tile; stats[i] receives chunk i's partial sums.
 inline void run_chunks(const Plan& plan, int64_t begin, int64_t end, ChunkStats* stats) {
   alignas(64) int32_t key[kTile];
@@ -422,10 +329,7 @@ inline void run_chunks(const Plan& plan, int64_t begin, int64_t end, ChunkStats*
   for (int64_t i = begin; i < end; ++i) {
     const Chunk& c = plan.chunks[i];
     const TensorPlan& t = plan.tensors[c.tensor];
-    // the one-pass loop keeps nothing in L1 between passes: it takes the chunk whole
-    const int32_t cols = one_pass(plan, t, c) ? c.seg_len
-                         : c.nseg == 1       ? static_cast<int32_t>(kTile)
-                                             : std::max<int32_t>(1, kTile / c.nseg);
+    const int32_t cols = c.nseg == 1 ? static_cast<int32_t>(kTile) : std::max<int32_t>(1, kTile / c.nseg);
     for (int32_t p0 = 0; p0 < c.seg_len; p0 += cols) {
       Chunk tile = c;
       tile.base += p0;

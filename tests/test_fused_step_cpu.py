@@ -174,9 +174,9 @@ def test_awkward_sizes_match_reference(groups, m, layout):
 @pytest.mark.parametrize("groups", [1, 4, 15, 257, 4097])
 @pytest.mark.parametrize("n", [1, 2, 3])
 @pytest.mark.parametrize("flags", ["srste", "phase2"])
-def test_one_pass_n4_with_fp32_model_matches_reference(groups, n, flags):
-    # contiguous N:4 groups with an fp32 model parameter take the one-pass loop for whole blocks of
-    # 16 weights and the passes for the rest (1 and 15 groups: a partial block; 4097: both)
+def test_contiguous_n4_matches_reference(groups, n, flags):
+    # contiguous N:4 groups are selected 16 weights at a time (on AVX-512 with bit-mask ranks) and
+    # the rest of a tile group by group (1 and 15 groups: a partial block; 4097: both)
     check_against_reference([(1, 4 * groups), (3, 4 * groups)], flags=flags, n=n, m=4, dims=[1, 1],
                             out_dtype=torch.float32)
 
