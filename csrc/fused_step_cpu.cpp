@@ -16,6 +16,9 @@
 #include <string>
 #include <utility>
 #include <vector>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "fused_step.h"
 
@@ -65,9 +68,11 @@ struct Plan {
 #define STEP_CPU_MULTI_ISA 1
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v4")
+#define STEP_CPU_AVX512 1  // the pragma does not define __AVX512F__: the kernel's AVX-512 paths
 namespace isa_avx512 {
 #include "fused_step_cpu_kernel.h"
 }  // namespace isa_avx512
+#undef STEP_CPU_AVX512
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v3")

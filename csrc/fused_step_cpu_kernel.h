@@ -10,7 +10,11 @@
 // of L1; tiles this short keep every stream advancing together, so the hardware prefetchers keep
 // up (2048-element tiles ran 1.5-2x slower), and longer than 128 to amortize the calls. Selection
 // of contiguous groups (M <= 16) runs on 16 lanes with in-group rotations (M - 1 shuffles and
-// compares per 16 weights); strided groups (Conv1D) rank across rows with lanes over columns.
+// compares per 16 weights; N:4 on AVX-512: 2, with the rank counted on bit masks, see keep16);
+// strided groups (Conv1D) rank across rows with lanes over columns. At 1 thread phase 2 is bound
+// by these vector operations more than by its bytes. A one-pass loop per 16 weights (old mask,
+// update, new mask and model parameter in registers) measured faster on fresh tensors but 1.4x
+// slower inside the STEP optimizer, so the tile keeps its passes.
 //
 // This file has no include guard on purpose: fused_step_cpu.cpp includes it once per instruction
 // set, inside a namespace and a `#pragma GCC target` region, so the compiler vectorizes it for
@@ -24,15 +28,17 @@ typedef int32_t v16i __attribute__((vector_size(64)));
 
 // rank += [entry (i + S) mod M of the group beats entry i], for 16 lanes holding 16 / M groups.
 template <int M, int S>
-inline void rank_add(const v16i& key, v16i& rank) {
+STEP_HD_INLINE void rank_add(const v16i& key, v16i& rank) {
   const v16i lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   const v16i other = __builtin_shuffle(key, (lane & ~(M - 1)) | ((lane + S) & (M - 1)));
-  const v16i other_is_lower = (lane & (M - 1)) >= (M - S);  // (i + S) mod M < i
-  rank -= (other > key) | ((other == key) & other_is_lower);  // comparisons give -1 or 0
+  const v16i other_is_lower = (lane & (M - 1)) >= (M - S);  // -1 where (i + S) mod M < i, else 0
+  // beats: other > key, or other == key from a lower index. Keys are >= 0, so there the test
+  // other >= key is other > key - 1: one compare. Comparisons give -1 or 0.
+  rank -= other > key + other_is_lower;
 }
 
 template <int M, int... S>
-inline v16i rank16(const v16i& key, std::integer_sequence<int, S...>) {
+STEP_HD_INLINE v16i rank16(const v16i& key, std::integer_sequence<int, S...>) {
   v16i rank = {};
   (rank_add<M, S + 1>(key, rank), ...);
   return rank;
@@ -43,6 +49,49 @@ typedef uint16_t v16h __attribute__((vector_size(32)));
 
 // Where the selection pass also writes the model parameter (contiguous groups only).
 enum OutKind { kNoOut = 0, kOutF32 = 1, kOutBF16 = 2 };
+
+// kept[e] = 1 when entry e of the 16 lanes (16 / M groups of M consecutive weights) is among the
+// n winners of its group; `bits` are the weights' fp32 bits, the keys made in registers.
+template <int M>
+STEP_HD_INLINE v16i keep16(const v16i& bits, int n) {
+  const v16i magnitude = bits & 0x7fffffff;
+  const v16i key = magnitude > 0x7f800000 ? 0x7f800000 : magnitude;  // NaN counts as +inf
+#if defined(STEP_CPU_AVX512)
+  if constexpr (M == 4) {
+    // Two rotations and compares give the masks "entry i+1 beats i" (b1) and "entry i+2 beats i"
+    // (b2). Of two entries exactly one beats the other, so "entry i-1 beats i" is b1 rotated and
+    // complemented; the rank (0..3) is the bit count of the three masks, done in scalar registers,
+    // which leaves the vector units about 8 operations per 16 weights instead of 18.
+    const v16i lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const v16i other1 = __builtin_shuffle(key, (lane & ~3) | ((lane + 1) & 3));
+    const v16i other2 = __builtin_shuffle(key, (lane & ~3) | ((lane + 2) & 3));
+    const v16i lower1 = (lane & 3) >= 3, lower2 = (lane & 3) >= 2;  // see rank_add
+    const uint32_t b1 = _mm512_cmpgt_epi32_mask((__m512i)other1, (__m512i)(key + lower1));
+    const uint32_t b2 = _mm512_cmpgt_epi32_mask((__m512i)other2, (__m512i)(key + lower2));
+    const uint32_t b3 = ~(((b1 << 1) & 0xeeeeu) | ((b1 >> 3) & 0x1111u));
+    const uint32_t beaten = n == 1 ? (b1 | b2 | b3) : n == 2 ? ((b1 & b2) | (b3 & (b1 | b2))) : (b1 & b2 & b3);
+    return (v16i)_mm512_maskz_set1_epi32(static_cast<__mmask16>(~beaten), 1);
+  }
+#endif
+  const v16i rank = rank16<M>(key, std::make_integer_sequence<int, M - 1>());
+  return (rank < n) & 1;
+}
+
+// Writes the model parameter of 16 lanes: kept ? w : +0.0 (bf16: round to nearest even, NaN -> 0x7fc0).
+template <int OUT>
+STEP_HD_INLINE void store_out16(const v16i& bits, const v16i& kept, void* __restrict out) {
+  if constexpr (OUT == kOutF32) {
+    const v16i masked = bits & -kept;  // pruned: +0.0
+    std::memcpy(out, &masked, sizeof masked);
+  } else if constexpr (OUT == kOutBF16) {
+    const v16u u = reinterpret_cast<const v16u&>(bits);
+    v16u r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    r = (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : r;
+    r &= reinterpret_cast<const v16u&>(kept) * 0xffffu;
+    const v16h h = __builtin_convertvector(r, v16h);
+    std::memcpy(out, &h, sizeof h);
+  }
+}
 
 // keep[e] = 1 when w[e] is among the n winners of its group (M consecutive weights), keys made
 // in registers. With `before`, returns how many entries differ from it (the flips). With OUT,
@@ -56,27 +105,15 @@ inline int64_t select_contiguous_m(const float* __restrict w, int32_t* __restric
     for (; e + 16 <= len; e += 16) {
       v16i bits;
       std::memcpy(&bits, w + e, sizeof bits);
-      const v16i magnitude = bits & 0x7fffffff;
-      const v16i key = magnitude > 0x7f800000 ? 0x7f800000 : magnitude;  // NaN counts as +inf
-      const v16i rank = rank16<M>(key, std::make_integer_sequence<int, (M <= 16 ? M - 1 : 0)>());
-      const v16i kept = (rank < n) & 1;
+      const v16i kept = keep16<M>(bits, n);
       std::memcpy(keep + e, &kept, sizeof kept);
       if (before) {
         v16i old;
         std::memcpy(&old, before + e, sizeof old);
         flips -= kept != old;
       }
-      if constexpr (OUT == kOutF32) {
-        const v16i masked = bits & -kept;  // pruned: +0.0
-        std::memcpy(static_cast<float*>(out) + e, &masked, sizeof masked);
-      } else if constexpr (OUT == kOutBF16) {
-        const v16u u = reinterpret_cast<const v16u&>(bits);
-        v16u r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-        r = magnitude > 0x7f800000 ? 0x7fc0u : r;
-        r &= reinterpret_cast<const v16u&>(kept) * 0xffffu;
-        const v16h h = __builtin_convertvector(r, v16h);
-        std::memcpy(static_cast<uint16_t*>(out) + e, &h, sizeof h);
-      }
+      if constexpr (OUT == kOutF32) store_out16<OUT>(bits, kept, static_cast<float*>(out) + e);
+      if constexpr (OUT == kOutBF16) store_out16<OUT>(bits, kept, static_cast<uint16_t*>(out) + e);
     }
   }
   int64_t count = 0;

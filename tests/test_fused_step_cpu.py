@@ -171,6 +171,16 @@ def test_awkward_sizes_match_reference(groups, m, layout):
         check_against_reference([shape], flags="phase1", out_dtype=torch.bfloat16)
 
 
+@pytest.mark.parametrize("groups", [1, 4, 15, 257, 4097])
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("flags", ["srste", "phase2"])
+def test_contiguous_n4_matches_reference(groups, n, flags):
+    # contiguous N:4 groups are selected 16 weights at a time (on AVX-512 with bit-mask ranks) and
+    # the rest of a tile group by group (1 and 15 groups: a partial block; 4097: both)
+    check_against_reference([(1, 4 * groups), (3, 4 * groups)], flags=flags, n=n, m=4, dims=[1, 1],
+                            out_dtype=torch.float32)
+
+
 @pytest.mark.parametrize("flags", ["srste", "phase2"])
 def test_nan_inf_zero_and_ties_follow_the_rules(flags):
     frozen = FLAGS[flags][1]
