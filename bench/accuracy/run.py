@@ -8,7 +8,8 @@ beta2 = 0.99 AutoSwitch's window is 100 steps, so it can decide inside a 1000-st
 
 Ablations of DESIGN.md's departures from the public reimplementation (recipe ``step`` only):
 ``raw_v`` (freeze 1 / (sqrt(v) + precond_eps) without bias correction), ``precond_eps_1e-8``,
-``ste`` (srste_decay 0) and ``bf16_precond``.
+``ste`` (srste_decay 0) and ``bf16_precond``; plus ``switch_tmax``, which is not a departure but
+asks whether AutoSwitch's choice matters: the switch fixed at T_max = 0.5 * steps instead.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from step_kernels.targets import find_targets
 from .tasks import TASKS, Task
 
 RECIPES = ("dense", "asp", "srste", "step")
-ABLATIONS = ("raw_v", "precond_eps_1e-8", "ste", "bf16_precond")
+ABLATIONS = ("raw_v", "precond_eps_1e-8", "ste", "bf16_precond", "switch_tmax")
 BETAS = (0.9, 0.99)
 WEIGHT_DECAY = 0.01
 ASP_DENSE_FRACTION = 0.6
@@ -85,6 +86,8 @@ def _optimizer(config: RunConfig, model: torch.nn.Module, task: Task, steps: int
         kwargs["srste_decay"] = 0.0
     elif config.ablation == "bf16_precond":
         kwargs["precond_dtype"] = torch.bfloat16
+    elif config.ablation == "switch_tmax":
+        kwargs["switch"] = int(0.5 * steps)
     cls = _RawVSTEP if config.ablation == "raw_v" else STEP
     return cls(groups, **kwargs)
 
