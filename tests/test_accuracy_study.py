@@ -51,6 +51,18 @@ def test_raw_v_preconditioner_skips_bias_correction():
     assert opt.phase == "sparse"
     for _, p, _ in opt._targets():
         torch.testing.assert_close(opt.state[p]["precond"], 1.0 / (v_end[id(p)].sqrt() + opt.precond_eps))
+    floor = sum(int((v.sqrt() < opt.precond_eps).sum()) for v in v_end.values())
+    assert opt.stats()["precond_floor_count"] == floor
+
+
+def test_step_run_records_autoswitch_statistic_and_switch():
+    # 20 steps: T_max = 10 comes before the 100-step window fills, so AutoSwitch switches at T_max.
+    auto = train(RunConfig("lm", "step", "2:4", 1e-3, 0), steps=20)
+    assert auto["switch_step"] == 10 and auto["pattern_ok"] is True
+    assert len(auto["z_history"]) == 10 and all(z > 0 for z in auto["z_history"])
+    assert auto["autoswitch_threshold"] == 1e-8 and auto["precond_floor_count"] is not None
+    fixed = train(RunConfig("lm", "step", "2:4", 1e-3, 0, "switch_tmax"), steps=20)
+    assert fixed["switch_step"] == 10 and fixed["z_history"] == [] and fixed["autoswitch_threshold"] is None
 
 
 def test_asp_run_ends_n_m_sparse_without_switch_or_flips():
