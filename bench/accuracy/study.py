@@ -8,8 +8,9 @@ writes ``bench/accuracy/REPORT.md`` and its plots from the committed results, an
 summary tables into the top-level README between the ``accuracy`` markers.
 
 The plan, fair by construction: (1) each recipe's lr is the best of ``LR_GRID`` on seed 0 at 2:4
-(dense: its own best); (2) every recipe x ratio runs ``SEEDS`` with its tuned lr; (3) ablations of
-DESIGN.md's departures on the LM, recipe ``step`` at 2:4, with step's tuned lr.
+(dense: its own best); (2) every recipe x ratio runs the task's ``seeds`` (at least 3) with its
+tuned lr; (3) ablations of DESIGN.md's departures on the LM, recipe ``step`` at 2:4, with step's
+tuned lr.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ TASK_ORDER = ("lm", "digits", "gpt2")
 # 5e-4 was added after the first LM tuning put dense, srste and step at the grid's low edge (1e-3);
 # the grid is the same for every recipe, so every recipe was re-tuned on it.
 LR_GRID = (5e-4, 1e-3, 2e-3, 4e-3, 8e-3)
-SEEDS = (0, 1, 2)
 TUNE_SPARSITY = "2:4"
 ABLATION_LABELS = {
     None: "defaults (bias-corrected v, precond_eps 1e-6, SR-STE decay 2e-4, fp32 preconditioner, AutoSwitch)",
@@ -86,12 +86,12 @@ def plan(results: Dict[str, Dict], tasks=TASK_ORDER) -> Iterator[RunConfig]:
             if lr is None:
                 continue
             for sparsity in ([None] if recipe == "dense" else TASKS[task].sparsities):
-                for seed in SEEDS:
+                for seed in TASKS[task].seeds:
                     yield RunConfig(task, recipe, sparsity, lr, seed)
         lr = tuned_lr(task, "step", results)
         if task == "lm" and lr is not None:
             for ablation in ABLATIONS:
-                for seed in SEEDS:
+                for seed in TASKS[task].seeds:
                     yield RunConfig(task, "step", TUNE_SPARSITY, lr, seed, ablation)
 
 
@@ -146,32 +146,35 @@ def summary_tables(results: Dict[str, Dict]) -> str:
     """Markdown: per task, recipe x ratio mean ± std of the headline metric; then the ablations."""
     lines = []
     for task in TASK_ORDER:
+        metric = TASKS[task].metric
+        extra = [] if metric == "val_loss" else ["val_loss"]  # the classifier also shows its loss
         rows = []
         for recipe in RECIPES:
             lr = tuned_lr(task, recipe, results)
             if lr is None:
                 continue
             for sparsity in ([None] if recipe == "dense" else TASKS[task].sparsities):
-                runs = [results[c.run_id] for c in (RunConfig(task, recipe, sparsity, lr, s) for s in SEEDS)
-                        if c.run_id in results]
-                values = [r["final"][r["metric"]] for r in runs]
+                configs = (RunConfig(task, recipe, sparsity, lr, s) for s in TASKS[task].seeds)
+                runs = [results[c.run_id] for c in configs if c.run_id in results]
+                cells = [_stats([r["final"][name] for r in runs]) for name in [metric] + extra]
                 switches = [r["switch_step"] for r in runs if r["switch_step"] is not None]
-                rows.append(f"| {recipe} | {sparsity or '-'} | {lr:g} | {_stats(values)} | "
-                            f"{statistics.fmean(switches):.0f} |" if switches else
-                            f"| {recipe} | {sparsity or '-'} | {lr:g} | {_stats(values)} | - |")
+                switch = (f"{statistics.fmean(switches):.0f} ({min(switches)}-{max(switches)})"
+                          if switches else "-")
+                rows.append(f"| {recipe} | {sparsity or '-'} | {lr:g} | {' | '.join(cells)} | {switch} |")
         if rows:
-            metric = TASKS[task].metric
             direction = "higher" if TASKS[task].higher_is_better else "lower"
-            lines += [f"**{task}** ({TASKS[task].__doc__.splitlines()[0].rstrip('.')}): {metric}, {direction} is better",
-                      "", f"| recipe | N:M | lr (tuned) | {metric} mean ± std | switch step (mean; T_min "
-                      f"{int(0.1 * TASKS[task].steps)}, T_max {int(0.5 * TASKS[task].steps)}) |",
-                      "|---|---|---|---|---|", *rows, ""]
+            steps = TASKS[task].steps
+            header = ["recipe", "N:M", "lr (tuned)", *(f"{name} mean ± std" for name in [metric] + extra),
+                      f"switch step, mean (range); T_min {int(0.1 * steps)}, T_max {int(0.5 * steps)}"]
+            lines += [f"**{task}** ({TASKS[task].__doc__.splitlines()[0].rstrip('.')}): {metric}, "
+                      f"{direction} is better", "", "| " + " | ".join(header) + " |",
+                      "|" + "---|" * len(header), *rows, ""]
     lr = tuned_lr("lm", "step", results)
     if lr is not None:
         rows = []
         for ablation in (None,) + ABLATIONS:
             runs = [results[c.run_id] for c in
-                    (RunConfig("lm", "step", TUNE_SPARSITY, lr, s, ablation) for s in SEEDS)
+                    (RunConfig("lm", "step", TUNE_SPARSITY, lr, s, ablation) for s in TASKS["lm"].seeds)
                     if c.run_id in results]
             if runs:
                 values = [r["final"]["val_loss"] for r in runs]
@@ -199,7 +202,7 @@ def _plot(results: Dict[str, Dict], task: str, path: str) -> bool:
             if lr is None:
                 continue
             runs = [results[c.run_id] for c in (RunConfig(task, recipe, None if recipe == "dense" else sparsity,
-                                                          lr, s) for s in SEEDS) if c.run_id in results]
+                                                          lr, s) for s in TASKS[task].seeds) if c.run_id in results]
             if not runs:
                 continue
             steps = [p["step"] for p in runs[0]["curve"]]
@@ -247,7 +250,7 @@ def cmd_report(args) -> None:
             f"Method: every run trains {TASKS['lm'].steps} steps with AdamW betas {tuple(BETAS)}, weight decay "
             f"{WEIGHT_DECAY:g}, constant lr. Each recipe's lr is the best of {', '.join(f'{lr:g}' for lr in LR_GRID)} "
             f"on seed 0 at 2:4 (the same grid for every recipe) and is reused at the other ratios; seed 0's "
-            f"tuning run is one of the three seeds reported, for every recipe alike. ASP trains dense for "
+            f"tuning run is one of the seeds reported, for every recipe alike. ASP trains dense for "
             f"{ASP_DENSE_FRACTION:.0%} of the steps (its curve before the dotted line is the dense model), "
             f"prunes by magnitude once and fine-tunes with the mask fixed.\n\n"
             f"{tables}\n" + "\n".join(plots) + "\n")
