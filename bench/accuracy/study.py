@@ -93,6 +93,10 @@ def plan(results: Dict[str, Dict], tasks=TASK_ORDER) -> Iterator[RunConfig]:
             for ablation in ABLATIONS:
                 for seed in TASKS[task].seeds:
                     yield RunConfig(task, "step", TUNE_SPARSITY, lr, seed, ablation)
+            # Does the switch point explain the gap to SR-STE at every ratio, not only at 2:4?
+            for sparsity in TASKS[task].sparsities:
+                for seed in TASKS[task].seeds:
+                    yield RunConfig(task, "step", sparsity, lr, seed, "switch_tmax")
 
 
 def _unique(configs: Iterator[RunConfig]) -> List[RunConfig]:
@@ -183,7 +187,27 @@ def summary_tables(results: Dict[str, Dict]) -> str:
                             f"{_stats(values)} | {wall:.0f} |")
         lines += ["**Ablations** (lm, step, 2:4)", "", "| variant | val_loss mean ± std | ms/step (median over seeds; "
                   "whole training step incl. evaluation) |", "|---|---|---|", *rows, ""]
+        lines += _switch_table(results, lr)
     return "\n".join(lines)
+
+
+def _switch_table(results: Dict[str, Dict], step_lr: float) -> List[str]:
+    """Markdown lines: lm val_loss per ratio of SR-STE, STEP with AutoSwitch, STEP switched at T_max."""
+    srste_lr = tuned_lr("lm", "srste", results)
+    rows, auto_switches = [], set()
+    for sparsity in TASKS["lm"].sparsities:
+        auto_switches.update(r["switch_step"] for c in (RunConfig("lm", "step", sparsity, step_lr, s)
+                                                         for s in TASKS["lm"].seeds)
+                             if (r := results.get(c.run_id)) is not None)
+        cells = []
+        for recipe, lr, ablation in (("srste", srste_lr, None), ("step", step_lr, None),
+                                     ("step", step_lr, "switch_tmax")):
+            configs = (RunConfig("lm", recipe, sparsity, lr, s, ablation) for s in TASKS["lm"].seeds)
+            cells.append(_stats([results[c.run_id]["final"]["val_loss"] for c in configs if c.run_id in results]))
+        rows.append(f"| {sparsity} | {' | '.join(cells)} |")
+    switched = ", ".join(str(t) for t in sorted(auto_switches)) or "-"
+    return [f"**Switch point** (lm, val_loss; AutoSwitch's switch steps in these runs: {switched})", "",
+            "| N:M | srste | step, AutoSwitch | step, switch at T_max (500) |", "|---|---|---|---|", *rows, ""]
 
 
 def _plot(results: Dict[str, Dict], task: str, path: str) -> bool:
