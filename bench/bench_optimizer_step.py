@@ -44,6 +44,7 @@ CASES = [
     Case("dense fp32", "dense"),
     Case("step phase 1 fp32", "step", "dense"),
     Case("step phase 2 fp32", "step", "sparse"),
+    Case("step phase 2 fp32, bf16 precond", "step", "sparse", torch.float32, torch.bfloat16),
     Case("srste fp32", "srste"),
     Case("step phase 1 bf16", "step", "dense", torch.bfloat16),
     Case("step phase 2 bf16, bf16 precond", "step", "sparse", torch.bfloat16, torch.bfloat16),

@@ -246,7 +246,7 @@ def _plot(results: Dict[str, Dict], task: str, path: str) -> bool:
             ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         fax.set_xlabel("step")
-        fax.set_ylabel("mask flip rate (seed 0)")
+        fax.set_ylabel("mask flip rate (seed 0; 0 drawn at 1e-7)")
         if fax.get_lines():
             fax.legend(fontsize=7)
         fax.grid(alpha=0.3)
@@ -255,6 +255,44 @@ def _plot(results: Dict[str, Dict], task: str, path: str) -> bool:
         fig.savefig(path, dpi=110)
     plt.close(fig)
     return drawn
+
+
+def _plot_autoswitch(results: Dict[str, Dict], path: str) -> bool:
+    """AutoSwitch's statistic: the window mean of Z per step of each task's tuned step 2:4 run on
+    seed 0 (those that recorded Z), against the threshold it is compared with."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from step_kernels.reference import autoswitch_window
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    threshold = None
+    for task in TASK_ORDER:
+        lr = tuned_lr(task, "step", results)
+        result = results.get(RunConfig(task, "step", TUNE_SPARSITY, lr, 0).run_id) if lr else None
+        if not result or not result.get("z_history"):
+            continue
+        window = autoswitch_window(result["betas"][1])
+        z = result["z_history"]
+        means = [(t, statistics.fmean(z[t - window:t])) for t in range(window, len(z) + 1)]
+        ax.semilogy(range(1, len(z) + 1), z, lw=0.6, alpha=0.4)
+        ax.semilogy(*zip(*means), color=ax.get_lines()[-1].get_color(),
+                    label=f"{task}: window mean (switch at {result['switch_step']})")
+        threshold = result["autoswitch_threshold"]
+    if threshold is None:
+        plt.close(fig)
+        return False
+    ax.axhline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:g}")
+    ax.set_xlabel("step (phase 1)")
+    ax.set_ylabel("Z = mean |v_t - v_(t-1)|")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def cmd_report(args) -> None:
@@ -267,6 +305,8 @@ def cmd_report(args) -> None:
         png = os.path.join(HERE, f"{task}.png")
         if _plot(results, task, png):
             plots.append(f"![{task}](bench/accuracy/{task}.png)")
+    if _plot_autoswitch(results, os.path.join(HERE, "autoswitch.png")):
+        plots.append("![autoswitch](bench/accuracy/autoswitch.png)")
     machines = sorted({f"{r['threads']} threads, torch {r['torch']}, backend {r['backend']}" for r in results.values()})
     body = (f"{done} of {len(configs)} planned runs done (the plan grows once each recipe's lr is tuned). "
             f"Made on a 2-core x86_64 CPU VM with {'; '.join(machines) or 'no runs yet'}. Regenerate with "
