@@ -100,6 +100,12 @@ class STEP(torch.optim.Optimizer):
 
     Public state: ``opt.phase`` (``"dense"`` | ``"sparse"``), ``opt.switch_step``, ``opt.backend``,
     ``opt.stats()``.
+
+    The defaults of ``srste_decay``, ``precond_eps``, ``precond_dtype`` and the bias-corrected
+    frozen v were kept after the ablations of ``bench/accuracy`` (README, "Accuracy study"):
+    plain STE was worse; raw v, ``precond_eps`` 1e-8 and a bf16 preconditioner were within seed
+    noise. AutoSwitch's threshold is absolute, so where it switches depends on the gradient scale:
+    check ``opt.switch_step`` and ``opt.stats()["z_history"]``, or pass ``switch=k``.
     """
 
     _step_supports_amp_scaling = True
