@@ -36,6 +36,7 @@ TASK_ORDER = ("lm", "digits", "gpt2")
 # the grid is the same for every recipe, so every recipe was re-tuned on it.
 LR_GRID = (5e-4, 1e-3, 2e-3, 4e-3, 8e-3)
 TUNE_SPARSITY = "2:4"
+SWEEP_SPARSITY = "1:8"  # the lm's second lr sweep, on seed 0, to check the reuse of 2:4's lr
 ABLATION_LABELS = {
     None: "defaults (bias-corrected v, precond_eps 1e-6, SR-STE decay 2e-4, fp32 preconditioner, AutoSwitch)",
     "raw_v": "raw v (no bias correction) in the frozen preconditioner: at a switch at step 100 this is a "
@@ -97,6 +98,10 @@ def plan(results: Dict[str, Dict], tasks=TASK_ORDER) -> Iterator[RunConfig]:
             for sparsity in TASKS[task].sparsities:
                 for seed in TASKS[task].seeds:
                     yield RunConfig(task, "step", sparsity, lr, seed, "switch_tmax")
+            # Is the ranking at an aggressive ratio an artefact of reusing the lr tuned at 2:4?
+            for recipe in ("asp", "srste", "step"):
+                for lr in LR_GRID:
+                    yield RunConfig(task, recipe, SWEEP_SPARSITY, lr, 0)
 
 
 def _unique(configs: Iterator[RunConfig]) -> List[RunConfig]:
@@ -188,6 +193,7 @@ def summary_tables(results: Dict[str, Dict]) -> str:
         lines += ["**Ablations** (lm, step, 2:4)", "", "| variant | val_loss mean ± std | ms/step (median over seeds; "
                   "whole training step incl. evaluation) |", "|---|---|---|", *rows, ""]
         lines += _switch_table(results, lr)
+        lines += _sweep_table(results)
     return "\n".join(lines)
 
 
@@ -208,6 +214,20 @@ def _switch_table(results: Dict[str, Dict], step_lr: float) -> List[str]:
     switched = ", ".join(str(t) for t in sorted(auto_switches)) or "-"
     return [f"**Switch point** (lm, val_loss; AutoSwitch's switch steps in these runs: {switched})", "",
             "| N:M | srste | step, AutoSwitch | step, switch at T_max (500) |", "|---|---|---|---|", *rows, ""]
+
+
+def _sweep_table(results: Dict[str, Dict]) -> List[str]:
+    """Markdown lines: lm val_loss at SWEEP_SPARSITY on seed 0 for every lr of the grid."""
+    rows = []
+    for recipe in ("asp", "srste", "step"):
+        cells = []
+        for lr in LR_GRID:
+            result = results.get(RunConfig("lm", recipe, SWEEP_SPARSITY, lr, 0).run_id)
+            cells.append(f"{result['final']['val_loss']:.4f}" if result else "-")
+        rows.append(f"| {recipe} | {' | '.join(cells)} |")
+    return [f"**lr sweep at {SWEEP_SPARSITY}** (lm, val_loss, seed 0; the tables above reuse the lr tuned at "
+            f"{TUNE_SPARSITY})", "", "| recipe | " + " | ".join(f"lr {lr:g}" for lr in LR_GRID) + " |",
+            "|" + "---|" * (len(LR_GRID) + 1), *rows, ""]
 
 
 def _plot(results: Dict[str, Dict], task: str, path: str) -> bool:
