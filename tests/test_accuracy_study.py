@@ -5,6 +5,7 @@ import torch
 
 from bench.accuracy import study
 from bench.accuracy.run import RunConfig, _RawVSTEP, train
+from bench.accuracy.tasks import TASKS
 from step_kernels import sparse_param_groups
 from step_kernels.models import TinyGPT
 
@@ -71,3 +72,19 @@ def test_asp_run_ends_n_m_sparse_without_switch_or_flips():
     assert result["pattern_ok"] is True
     assert result["switch_step"] is None and result["flip_rate"] == []
     assert result["final"]["step"] == 20 and 0.0 <= result["final"]["val_acc"] <= 1.0
+
+
+def test_sweep_at_an_aggressive_ratio_runs_seeds_at_its_own_best_lr():
+    results = {}
+    for recipe in study.RECIPES:
+        for lr in study.LR_GRID:
+            sparsity = None if recipe == "dense" else study.TUNE_SPARSITY
+            results.update(_fake(RunConfig("lm", recipe, sparsity, lr, 0), 3.0 - (lr == study.LR_GRID[1])))
+    assert not any(c.sparsity == study.SWEEP_SPARSITY and c.lr == study.LR_GRID[3] and c.seed == 1
+                   for c in study.plan(results, ("lm",)))
+    for lr in study.LR_GRID:
+        results.update(_fake(RunConfig("lm", "srste", study.SWEEP_SPARSITY, lr, 0), 3.0 - (lr == study.LR_GRID[3])))
+    assert study.tuned_lr("lm", "srste", results, study.SWEEP_SPARSITY) == study.LR_GRID[3]
+    seeds = {c.seed for c in study.plan(results, ("lm",))
+             if c.recipe == "srste" and c.sparsity == study.SWEEP_SPARSITY and c.lr == study.LR_GRID[3]}
+    assert seeds == set(TASKS["lm"].seeds)

@@ -62,11 +62,11 @@ def _better(task: str, a: float, b: float) -> bool:
     return a > b if TASKS[task].higher_is_better else a < b
 
 
-def tuned_lr(task: str, recipe: str, results: Dict[str, Dict]) -> Optional[float]:
-    """The best lr of the grid for (task, recipe) on seed 0 at 2:4, once all its runs exist."""
+def tuned_lr(task: str, recipe: str, results: Dict[str, Dict], sparsity: str = TUNE_SPARSITY) -> Optional[float]:
+    """The best lr of the grid for (task, recipe) on seed 0 at ``sparsity``, once all its runs exist."""
     best = None
     for lr in LR_GRID:
-        config = RunConfig(task, recipe, None if recipe == "dense" else TUNE_SPARSITY, lr, 0)
+        config = RunConfig(task, recipe, None if recipe == "dense" else sparsity, lr, 0)
         result = results.get(config.run_id)
         if result is None:
             return None
@@ -102,6 +102,9 @@ def plan(results: Dict[str, Dict], tasks=TASK_ORDER) -> Iterator[RunConfig]:
             for recipe in ("asp", "srste", "step"):
                 for lr in LR_GRID:
                     yield RunConfig(task, recipe, SWEEP_SPARSITY, lr, 0)
+                sweep_lr = tuned_lr(task, recipe, results, SWEEP_SPARSITY)
+                for seed in TASKS[task].seeds if sweep_lr is not None else ():
+                    yield RunConfig(task, recipe, SWEEP_SPARSITY, sweep_lr, seed)
 
 
 def _unique(configs: Iterator[RunConfig]) -> List[RunConfig]:
@@ -224,10 +227,14 @@ def _sweep_table(results: Dict[str, Dict]) -> List[str]:
         for lr in LR_GRID:
             result = results.get(RunConfig("lm", recipe, SWEEP_SPARSITY, lr, 0).run_id)
             cells.append(f"{result['final']['val_loss']:.4f}" if result else "-")
-        rows.append(f"| {recipe} | {' | '.join(cells)} |")
-    return [f"**lr sweep at {SWEEP_SPARSITY}** (lm, val_loss, seed 0; the tables above reuse the lr tuned at "
-            f"{TUNE_SPARSITY})", "", "| recipe | " + " | ".join(f"lr {lr:g}" for lr in LR_GRID) + " |",
-            "|" + "---|" * (len(LR_GRID) + 1), *rows, ""]
+        lr = tuned_lr("lm", recipe, results, SWEEP_SPARSITY)
+        configs = (RunConfig("lm", recipe, SWEEP_SPARSITY, lr, s) for s in TASKS["lm"].seeds) if lr else ()
+        seeds = _stats([results[c.run_id]["final"]["val_loss"] for c in configs if c.run_id in results])
+        rows.append(f"| {recipe} | {' | '.join(cells)} | {f'{lr:g}' if lr else '-'}: {seeds} |")
+    return [f"**lr sweep at {SWEEP_SPARSITY}** (lm, val_loss; the tables above reuse the lr tuned at "
+            f"{TUNE_SPARSITY}): seed 0 at every lr, then the seeds at the best one", "",
+            "| recipe | " + " | ".join(f"lr {lr:g}" for lr in LR_GRID) + " | best lr: mean ± std |",
+            "|" + "---|" * (len(LR_GRID) + 2), *rows, ""]
 
 
 def _plot(results: Dict[str, Dict], task: str, path: str) -> bool:
