@@ -2,8 +2,8 @@
 
 Writes ``bench/results/<machine>.json`` (machine, versions, git commit, every result row) and
 ``bench/results/<machine>.md`` (one table per benchmark) plus a PNG plot per benchmark that has
-one. ``--quick`` keeps sizes small (under 3 minutes on 2 CPU cores); ``--only a,b`` picks
-benchmarks by name.
+one, then copies every machine's report into README.md (``bench/readme.py``). ``--quick`` keeps
+sizes small (under 3 minutes on 2 CPU cores); ``--only a,b`` picks benchmarks by name.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import List
 
 import torch
 
+from . import readme
 from ._common import cpu_model, git_commit, machine_name, versions
 
 # Benchmark modules in report order. Each has NAME, run(device, quick, progress) -> rows,
@@ -86,6 +87,8 @@ def main(argv: List[str] = None) -> int:
     with open(md_path, "w") as f:
         f.write("\n".join(sections))
     print(f"wrote {json_path} and {md_path}")
+    if os.path.abspath(args.out) == os.path.abspath(RESULTS_DIR) and readme.update_readme():
+        print(f"updated the bench section of {readme.README}")
     return 0
 
 

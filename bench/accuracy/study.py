@@ -90,6 +90,11 @@ def plan(results: Dict[str, Dict], tasks=TASK_ORDER) -> Iterator[RunConfig]:
                 for seed in TASKS[task].seeds:
                     yield RunConfig(task, recipe, sparsity, lr, seed)
         lr = tuned_lr(task, "step", results)
+        # A control for the tuning seed: every recipe at 2:4 with step's lr, so seeds compare pairwise
+        # at one lr (an lr tuned on seed 0 can sit at the edge of stability for other seeds).
+        for recipe in RECIPES if lr is not None else ():
+            for seed in TASKS[task].seeds:
+                yield RunConfig(task, recipe, None if recipe == "dense" else TUNE_SPARSITY, lr, seed)
         if task == "lm" and lr is not None:
             for ablation in ABLATIONS:
                 for seed in TASKS[task].seeds:
@@ -181,6 +186,7 @@ def summary_tables(results: Dict[str, Dict]) -> str:
             lines += [f"**{task}** ({TASKS[task].__doc__.splitlines()[0].rstrip('.')}): {metric}, "
                       f"{direction} is better", "", "| " + " | ".join(header) + " |",
                       "|" + "---|" * len(header), *rows, ""]
+    lines += _same_lr_table(results)
     lr = tuned_lr("lm", "step", results)
     if lr is not None:
         rows = []
@@ -198,6 +204,26 @@ def summary_tables(results: Dict[str, Dict]) -> str:
         lines += _switch_table(results, lr)
         lines += _sweep_table(results)
     return "\n".join(lines)
+
+
+def _same_lr_table(results: Dict[str, Dict]) -> List[str]:
+    """Markdown lines: per task, every recipe at 2:4 (dense: dense) with step's tuned lr."""
+    rows = []
+    for task in TASK_ORDER:
+        lr = tuned_lr(task, "step", results)
+        if lr is None:
+            continue
+        cells = []
+        for recipe in RECIPES:
+            configs = (RunConfig(task, recipe, None if recipe == "dense" else TUNE_SPARSITY, lr, s)
+                       for s in TASKS[task].seeds)
+            runs = [results[c.run_id] for c in configs if c.run_id in results]
+            cells.append(_stats([r["final"][r["metric"]] for r in runs]))
+        rows.append(f"| {task} ({TASKS[task].metric}) | {lr:g} | {' | '.join(cells)} |")
+    if not rows:
+        return []
+    return [f"**One lr for every recipe** ({TUNE_SPARSITY}, step's tuned lr, the same seeds)", "",
+            "| task | lr | " + " | ".join(RECIPES) + " |", "|" + "---|" * (len(RECIPES) + 2), *rows, ""]
 
 
 def _switch_table(results: Dict[str, Dict], step_lr: float) -> List[str]:
