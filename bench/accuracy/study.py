@@ -285,7 +285,7 @@ def _plot(results: Dict[str, Dict], task: str, path: str) -> bool:
             steps = [p["step"] for p in runs[0]["curve"]]
             metric = runs[0]["metric"]
             mean = [statistics.fmean(r["curve"][i][metric] for r in runs) for i in range(len(steps))]
-            ax.plot(steps, mean, marker=".", label=f"{recipe} (n={len(runs)})")
+            ax.plot(steps, mean, marker=".", label=f"{recipe}, lr {lr:g} (n={len(runs)})")
             if recipe == "asp":
                 ax.axvline(ASP_DENSE_FRACTION * TASKS[task].steps, color="gray", ls=":", lw=1)
             if runs[0]["flip_rate"]:

@@ -100,7 +100,8 @@ class GPT2LM(_ByteLM):
 
         torch.manual_seed(seed)
         config = GPT2Config(vocab_size=256, n_positions=self.ctx, n_embd=128, n_layer=2, n_head=4,
-                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                            bos_token_id=None, eos_token_id=None)  # GPT-2's 50256 is outside 256 bytes
         return GPT2LMHeadModel(config)
 
     def _forward_loss(self, model, x, y):
