@@ -62,6 +62,17 @@ def _better(task: str, a: float, b: float) -> bool:
     return a > b if TASKS[task].higher_is_better else a < b
 
 
+def seed_runs(results: Dict[str, Dict], task: str, recipe: str, sparsity: Optional[str], lr: Optional[float],
+              ablation: Optional[str] = None) -> List[Dict]:
+    """The stored results of (task, recipe, sparsity, lr, ablation) over the task's seeds, in seed
+    order; ``sparsity`` is ignored for dense, and an lr of None (not tuned yet) has no runs."""
+    if lr is None:
+        return []
+    configs = (RunConfig(task, recipe, None if recipe == "dense" else sparsity, lr, seed, ablation)
+               for seed in TASKS[task].seeds)
+    return [results[c.run_id] for c in configs if c.run_id in results]
+
+
 def tuned_lr(task: str, recipe: str, results: Dict[str, Dict], sparsity: str = TUNE_SPARSITY) -> Optional[float]:
     """The best lr of the grid for (task, recipe) on seed 0 at ``sparsity``, once all its runs exist."""
     best = None
@@ -171,8 +182,7 @@ def summary_tables(results: Dict[str, Dict]) -> str:
             if lr is None:
                 continue
             for sparsity in ([None] if recipe == "dense" else TASKS[task].sparsities):
-                configs = (RunConfig(task, recipe, sparsity, lr, s) for s in TASKS[task].seeds)
-                runs = [results[c.run_id] for c in configs if c.run_id in results]
+                runs = seed_runs(results, task, recipe, sparsity, lr)
                 cells = [_stats([r["final"][name] for r in runs]) for name in [metric] + extra]
                 switches = [r["switch_step"] for r in runs if r["switch_step"] is not None]
                 switch = (f"{statistics.fmean(switches):.0f} ({min(switches)}-{max(switches)})"
@@ -191,9 +201,7 @@ def summary_tables(results: Dict[str, Dict]) -> str:
     if lr is not None:
         rows = []
         for ablation in (None,) + ABLATIONS:
-            runs = [results[c.run_id] for c in
-                    (RunConfig("lm", "step", TUNE_SPARSITY, lr, s, ablation) for s in TASKS["lm"].seeds)
-                    if c.run_id in results]
+            runs = seed_runs(results, "lm", "step", TUNE_SPARSITY, lr, ablation)
             if runs:
                 values = [r["final"]["val_loss"] for r in runs]
                 wall = statistics.median(r["wall_s"] / r["steps"] * 1e3 for r in runs)
@@ -215,9 +223,7 @@ def _same_lr_table(results: Dict[str, Dict]) -> List[str]:
             continue
         cells = []
         for recipe in RECIPES:
-            configs = (RunConfig(task, recipe, None if recipe == "dense" else TUNE_SPARSITY, lr, s)
-                       for s in TASKS[task].seeds)
-            runs = [results[c.run_id] for c in configs if c.run_id in results]
+            runs = seed_runs(results, task, recipe, TUNE_SPARSITY, lr)
             cells.append(_stats([r["final"][r["metric"]] for r in runs]))
         rows.append(f"| {task} ({TASKS[task].metric}) | {lr:g} | {' | '.join(cells)} |")
     if not rows:
@@ -231,14 +237,12 @@ def _switch_table(results: Dict[str, Dict], step_lr: float) -> List[str]:
     srste_lr = tuned_lr("lm", "srste", results)
     rows, auto_switches = [], set()
     for sparsity in TASKS["lm"].sparsities:
-        auto_switches.update(r["switch_step"] for c in (RunConfig("lm", "step", sparsity, step_lr, s)
-                                                         for s in TASKS["lm"].seeds)
-                             if (r := results.get(c.run_id)) is not None)
+        auto_switches.update(r["switch_step"] for r in seed_runs(results, "lm", "step", sparsity, step_lr))
         cells = []
         for recipe, lr, ablation in (("srste", srste_lr, None), ("step", step_lr, None),
                                      ("step", step_lr, "switch_tmax")):
-            configs = (RunConfig("lm", recipe, sparsity, lr, s, ablation) for s in TASKS["lm"].seeds)
-            cells.append(_stats([results[c.run_id]["final"]["val_loss"] for c in configs if c.run_id in results]))
+            runs = seed_runs(results, "lm", recipe, sparsity, lr, ablation)
+            cells.append(_stats([r["final"]["val_loss"] for r in runs]))
         rows.append(f"| {sparsity} | {' | '.join(cells)} |")
     switched = ", ".join(str(t) for t in sorted(auto_switches)) or "-"
     return [f"**Switch point** (lm, val_loss; AutoSwitch's switch steps in these runs: {switched})", "",
@@ -254,8 +258,7 @@ def _sweep_table(results: Dict[str, Dict]) -> List[str]:
             result = results.get(RunConfig("lm", recipe, SWEEP_SPARSITY, lr, 0).run_id)
             cells.append(f"{result['final']['val_loss']:.4f}" if result else "-")
         lr = tuned_lr("lm", recipe, results, SWEEP_SPARSITY)
-        configs = (RunConfig("lm", recipe, SWEEP_SPARSITY, lr, s) for s in TASKS["lm"].seeds) if lr else ()
-        seeds = _stats([results[c.run_id]["final"]["val_loss"] for c in configs if c.run_id in results])
+        seeds = _stats([r["final"]["val_loss"] for r in seed_runs(results, "lm", recipe, SWEEP_SPARSITY, lr)])
         rows.append(f"| {recipe} | {' | '.join(cells)} | {f'{lr:g}' if lr else '-'}: {seeds} |")
     return [f"**lr sweep at {SWEEP_SPARSITY}** (lm, val_loss; the tables above reuse the lr tuned at "
             f"{TUNE_SPARSITY}): seed 0 at every lr, then the seeds at the best one", "",
@@ -278,8 +281,7 @@ def _plot(results: Dict[str, Dict], task: str, path: str) -> bool:
             lr = tuned_lr(task, recipe, results)
             if lr is None:
                 continue
-            runs = [results[c.run_id] for c in (RunConfig(task, recipe, None if recipe == "dense" else sparsity,
-                                                          lr, s) for s in TASKS[task].seeds) if c.run_id in results]
+            runs = seed_runs(results, task, recipe, sparsity, lr)
             if not runs:
                 continue
             steps = [p["step"] for p in runs[0]["curve"]]
