@@ -142,13 +142,14 @@ def train(config: RunConfig, steps: Optional[int] = None, progress=None) -> Dict
             if progress:
                 progress(f"    {config.run_id} step {step}/{steps} {task.metric} {metrics[task.metric]:.4f}")
     wall = time.perf_counter() - start
+    final_stats = opt.stats()
     return {
         "config": asdict(config), "run_id": config.run_id, "steps": steps, "betas": list(BETAS),
         "weight_decay": WEIGHT_DECAY, "metric": task.metric, "final": curve[-1],
         "curve": curve, "flip_rate": flips[::10] + ([flips[-1]] if flips and (len(flips) - 1) % 10 else []),
         "switch_step": opt.switch_step,
-        "precond_floor_count": opt.stats()["precond_floor_count"] if config.recipe == "step" else None,
-        "z_history": opt.stats()["z_history"] if config.recipe == "step" else None,
+        "precond_floor_count": final_stats["precond_floor_count"] if config.recipe == "step" else None,
+        "z_history": final_stats["z_history"] if config.recipe == "step" else None,
         "autoswitch_threshold": opt.switch.threshold if isinstance(opt.switch, AutoSwitch) else None,
         "pattern_ok": _pattern_ok(model, task, config.sparsity) if config.sparsity else None,
         "wall_s": wall, "threads": torch.get_num_threads(), "backend": opt.backend,
