@@ -39,30 +39,51 @@ def _local(t: Tensor) -> Tensor:
 class AutoSwitch:
     """When to leave the precondition phase (DESIGN.md section 4).
 
-    Each phase-1 step records ``Z_t = A_t / n`` (or ``A_t / S_t`` when ``relative``), where
-    ``A_t = sum |v_t - v_{t-1}|`` and ``S_t = sum v_t`` over every target coordinate. The switch
-    happens at the end of step t when the window of the last ``round(1 / (1 - beta2))`` values is
-    full, ``t >= min_step`` and its mean is ``<= threshold``; or when ``t >= max_step``.
-    ``min_step``/``max_step`` default to 10% and 50% of the optimizer's ``total_steps``.
+    Each phase-1 step records a statistic ``Z_t`` of how much Adam's second moment v moved in
+    that step, summed over every target coordinate (``A_t = sum |v_t - v_{t-1}|``,
+    ``S_t = sum v_t``, ``n`` coordinates):
+
+    - ``rule="relative"`` (default): ``Z_t = A_t / ((1 - beta2) * S_t)``. It does not depend on the
+      gradient scale (a loss multiplied by any constant switches at the same step), and a v that
+      has settled on ``E[g**2]`` keeps it at or below 2 whatever the gradient distribution, so the
+      default threshold 2.0 means "v moves no more than a settled EMA does" and needs no tuning
+      per task. v filling up from zero (the first ~``1 / (1 - beta2)`` steps) or chasing a drifting
+      gradient scale keeps it above.
+    - ``rule="absolute"``: ``Z_t = A_t / n`` with threshold 1e-8: the public reimplementation's
+      rule (the paper's Algorithm 2 as far as it is known). Where it switches depends on the
+      gradient scale (loss scale, model width, lr): on one task it fires at ``T_min``, on another
+      never.
+
+    The switch happens at the end of step t when the window of the last
+    ``round(1 / (1 - beta2))`` values is full, ``t >= min_step`` and its mean is ``<= threshold``;
+    or when ``t >= max_step``. ``min_step``/``max_step`` default to 10% and 50% of the
+    optimizer's ``total_steps``. The history of Z is ``opt.stats()["z_history"]``.
     """
 
+    DEFAULT_THRESHOLDS = {"relative": 2.0, "absolute": 1e-8}
+
     def __init__(self, min_step: Optional[int] = None, max_step: Optional[int] = None,
-                 threshold: float = 1e-8, relative: bool = False):
+                 threshold: Optional[float] = None, rule: str = "relative"):
         for name, value in (("min_step", min_step), ("max_step", max_step)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"AutoSwitch: {name} must be None or an int >= 0, got {value!r}")
         if min_step is not None and max_step is not None and max_step < min_step:
             raise ValueError(f"AutoSwitch: max_step ({max_step}) must be >= min_step ({min_step})")
-        if not (isinstance(threshold, (int, float)) and threshold >= 0 and math.isfinite(threshold)):
+        if rule not in reference.AUTOSWITCH_RULES:
+            raise ValueError(f"AutoSwitch: rule must be one of {reference.AUTOSWITCH_RULES}, got {rule!r}")
+        if threshold is None:
+            threshold = self.DEFAULT_THRESHOLDS[rule]
+        if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and threshold >= 0
+                and math.isfinite(threshold)):
             raise ValueError(f"AutoSwitch: threshold must be a finite number >= 0, got {threshold!r}")
         self.min_step = min_step
         self.max_step = max_step
         self.threshold = float(threshold)
-        self.relative = bool(relative)
+        self.rule = rule
 
     def __repr__(self) -> str:
         return (f"AutoSwitch(min_step={self.min_step}, max_step={self.max_step}, "
-                f"threshold={self.threshold}, relative={self.relative})")
+                f"threshold={self.threshold}, rule={self.rule!r})")
 
 
 class _Bucket:
@@ -104,8 +125,8 @@ class STEP(torch.optim.Optimizer):
     The defaults of ``srste_decay``, ``precond_eps``, ``precond_dtype`` and the bias-corrected
     frozen v were kept after the ablations of ``bench/accuracy`` (README, "Accuracy study"):
     plain STE was worse; raw v, ``precond_eps`` 1e-8 and a bf16 preconditioner were within seed
-    noise. AutoSwitch's threshold is absolute, so where it switches depends on the gradient scale:
-    check ``opt.switch_step`` and ``opt.stats()["z_history"]``, or pass ``switch=k``.
+    noise. AutoSwitch's default rule is scale-free (see :class:`AutoSwitch`); check
+    ``opt.switch_step`` and ``opt.stats()["z_history"]``, or pass ``switch=k`` to fix the step.
     """
 
     _step_supports_amp_scaling = True
@@ -441,9 +462,9 @@ class STEP(torch.optim.Optimizer):
     def _autoswitch(self, t: int, totals: Tensor, numel: int) -> None:
         abs_dv, v_sum = totals[0].item(), totals[1].item()
         history = self._globals["z_history"]
-        if numel:
-            history.append(reference.autoswitch_z(abs_dv, v_sum, numel, self.switch.relative))
         beta2 = next((g["betas"][1] for g in self.param_groups if self._is_target(g)), self.defaults["betas"][1])
+        if numel:
+            history.append(reference.autoswitch_z(abs_dv, v_sum, numel, self.switch.rule, beta2))
         t_min, t_max = reference.autoswitch_bounds(self.switch.min_step, self.switch.max_step, self.total_steps)
         if reference.autoswitch_decide(history, t, beta2=beta2, threshold=self.switch.threshold,
                                        t_min=t_min, t_max=t_max):

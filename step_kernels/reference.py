@@ -56,6 +56,7 @@ __all__ = [
     "adamw_step",
     "masked_step",
     "preconditioner",
+    "AUTOSWITCH_RULES",
     "autoswitch_window",
     "autoswitch_z",
     "autoswitch_bounds",
@@ -241,11 +242,29 @@ def autoswitch_window(beta2: float) -> int:
     return max(1, round(1.0 / (1.0 - beta2)))
 
 
-def autoswitch_z(abs_dv_sum: float, v_sum: float, numel: int, relative: bool = False) -> float:
-    """The statistic of one step: ``A / n``, or ``A / S`` when ``relative`` (inf when S == 0)."""
-    if relative:
-        return math.inf if v_sum == 0 else abs_dv_sum / v_sum
-    return abs_dv_sum / numel
+AUTOSWITCH_RULES = ("relative", "absolute")
+
+
+def autoswitch_z(abs_dv_sum: float, v_sum: float, numel: int, rule: str = "relative",
+                 beta2: float = 0.999) -> float:
+    """The statistic of one phase-1 step, from ``A = sum |v_t - v_{t-1}|``, ``S = sum v_t`` and
+    ``n`` (the target coordinates).
+
+    - ``"relative"`` (the default rule): ``Z = A / ((1 - beta2) * S)``, the mean change of v in
+      one step relative to v, in units of the EMA rate ``1 - beta2``. Multiplying the loss by c
+      multiplies A and S by c**2, so Z does not depend on the gradient scale. Since
+      ``v_t - v_{t-1} = (1 - beta2) * (g**2 - v_{t-1})``, a v that tracks ``E[g**2]`` gives
+      ``Z <= 2`` whatever the gradient distribution (the mean absolute deviation of a
+      non-negative variable is at most twice its mean); a v still filling up from zero, or
+      chasing a moving gradient scale, gives more. ``inf`` when ``S == 0``.
+    - ``"absolute"`` (the public reimplementation's rule, paper-faithful as far as it is known):
+      ``Z = A / n``, which scales with the square of the gradient.
+    """
+    if rule == "relative":
+        return math.inf if v_sum == 0 else abs_dv_sum / ((1.0 - beta2) * v_sum)
+    if rule == "absolute":
+        return abs_dv_sum / numel
+    raise ValueError(f"rule must be one of {AUTOSWITCH_RULES}, got {rule!r}")
 
 
 def autoswitch_bounds(
@@ -264,7 +283,9 @@ def autoswitch_decide(
     """Whether to switch at the end of step ``step``, given the Z history up to and including it.
 
     Switch if the window is full, ``step >= T_min`` and the window mean is ``<= threshold``;
-    or if ``T_max`` is set and ``step >= T_max``. A partly filled window never decides.
+    or if ``T_max`` is set and ``step >= T_max``. A partly filled window never decides, and
+    neither does a window holding a NaN or inf sample (its mean is not ``<= threshold``): a
+    NaN gradient postpones the switch by a window at least, or to ``T_max``.
     """
     if t_max is not None and step >= t_max:
         return True

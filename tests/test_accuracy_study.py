@@ -1,13 +1,13 @@
-"""The accuracy study's machinery: configs, lr tuning, the ASP and raw-v variants."""
+"""The accuracy study's machinery: configs, the schedule, lr tuning and its grid growth, the plan."""
+
+import math
+import statistics
 
 import pytest
-import torch
 
 from bench.accuracy import study
-from bench.accuracy.run import RunConfig, _RawVSTEP, train
+from bench.accuracy.run import RunConfig, lr_factor, train
 from bench.accuracy.tasks import TASKS
-from step_kernels import sparse_param_groups
-from step_kernels.models import TinyGPT
 
 
 def test_run_config_rejects_inconsistent_runs():
@@ -15,55 +15,80 @@ def test_run_config_rejects_inconsistent_runs():
         RunConfig("imagenet", "step", "2:4", 1e-3, 0)
     with pytest.raises(ValueError, match="sparsity must be None"):
         RunConfig("lm", "dense", "2:4", 1e-3, 0)
-    with pytest.raises(ValueError, match="ablation"):
-        RunConfig("lm", "srste", "2:4", 1e-3, 0, "raw_v")
-    assert RunConfig("lm", "step", "1:16", 4e-3, 2, "ste").run_id == "lm-step-1of16-lr0.004-s2-ste"
+    with pytest.raises(ValueError, match="switch_at"):
+        RunConfig("lm", "srste", "2:4", 1e-3, 0, 30)
+    with pytest.raises(ValueError, match="switch_at"):
+        RunConfig("lm", "step", "2:4", 1e-3, 0, 35)
+    assert RunConfig("lm", "step", "1:16", 4e-3, 2, 30).run_id == "lm-step-1of16-lr0.004-s2-switch30"
+
+
+def test_schedule_warms_up_then_decays_along_a_cosine_to_a_tenth():
+    steps = 3000  # warm-up: 150 steps
+    assert lr_factor(0, steps) == pytest.approx(1 / 150)
+    assert lr_factor(149, steps) == pytest.approx(1.0)
+    assert lr_factor(150, steps) == pytest.approx(1.0)
+    middle = 150 + (steps - 150) // 2
+    assert lr_factor(middle, steps) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)), abs=1e-3)
+    assert lr_factor(steps, steps) == pytest.approx(0.1)
+    values = [lr_factor(s, steps) for s in range(150, steps + 1)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
 
 
 def _fake(config, value):
     return {config.run_id: {"run_id": config.run_id, "metric": "val_loss", "final": {"val_loss": value}}}
 
 
-def test_tuned_lr_waits_for_the_whole_grid_then_picks_the_best():
+def _tune(results, task, grid, best_of):
+    """Fake seed-0 tuning results on ``grid``: recipe r's loss is lowest at ``best_of[r]``."""
+    for recipe in study.RECIPES:
+        for lr in grid:
+            sparsity = None if recipe == "dense" else study.TUNE_SPARSITY
+            better = -1 if not TASKS[task].higher_is_better else 1
+            results.update(_fake(RunConfig(task, recipe, sparsity, lr, 0), 3.0 + better * (lr == best_of[recipe])))
+
+
+def test_tuned_lr_waits_for_every_recipe_then_picks_the_best():
     results = {}
-    for i, lr in enumerate(study.LR_GRID[:-1]):
-        results.update(_fake(RunConfig("lm", "srste", "2:4", lr, 0), 3.0 - 0.1 * (i == 1)))
+    grid = study.LR_GRID
+    inner = {r: grid[1] for r in study.RECIPES}
+    _tune(results, "lm", grid[:-1], inner)
     assert study.tuned_lr("lm", "srste", results) is None
-    assert not any(c.recipe == "srste" and c.seed == 1 for c in study.plan(results, ("lm",)))
-    results.update(_fake(RunConfig("lm", "srste", "2:4", study.LR_GRID[-1], 0), 3.5))
-    assert study.tuned_lr("lm", "srste", results) == study.LR_GRID[1]
-    seeds = [c for c in study.plan(results, ("lm",)) if c.recipe == "srste" and c.lr == study.LR_GRID[1]]
+    assert not any(c.seed == 1 for c in study.plan(results, ("lm",)))
+    _tune(results, "lm", grid[-1:], inner)
+    assert study.lr_grid("lm", results) == (grid, True)
+    assert study.tuned_lr("lm", "srste", results) == grid[1]
+    seeds = [c for c in study.plan(results, ("lm",)) if c.recipe == "srste" and c.lr == grid[1]]
     assert {(c.sparsity, c.seed) for c in seeds} >= {("1:16", 2), ("1:8", 1), ("2:4", 0)}
+    sweep = {(c.sparsity, c.switch_at) for c in study.plan(results, ("lm",)) if c.switch_at is not None}
+    assert sweep == {(s, p) for s in study.SWEEP["lm"] for p in (10, 20, 30, 40, 50)}
 
 
-def test_raw_v_preconditioner_skips_bias_correction():
-    torch.manual_seed(0)
-    model = TinyGPT(vocab=32, ctx=8, d_model=16, n_layer=1, n_head=2)
-    opt = _RawVSTEP(sparse_param_groups(model, "2:4"), lr=1e-2, betas=(0.9, 0.99), switch=3)
-    x = torch.randint(0, 32, (2, 9))
-    for step in range(3):
-        opt.zero_grad()
-        model.loss(x[:, :-1], x[:, 1:]).backward()
-        if step == 2:
-            # v at the end of step 3, from v after step 2 and step 3's grads
-            v_end = {id(p): 0.99 * opt.state[p]["exp_avg_sq"] + 0.01 * p.grad.float() ** 2
-                     for _, p, _ in opt._targets()}
-        opt.step()
-    assert opt.phase == "sparse"
-    for _, p, _ in opt._targets():
-        torch.testing.assert_close(opt.state[p]["precond"], 1.0 / (v_end[id(p)].sqrt() + opt.precond_eps))
-    floor = sum(int((v.sqrt() < opt.precond_eps).sum()) for v in v_end.values())
-    assert opt.stats()["precond_floor_count"] == floor
+def test_a_best_lr_at_the_edge_grows_the_grid_for_every_recipe():
+    results = {}
+    grid = study.LR_GRID
+    best = {r: grid[1] for r in study.RECIPES}
+    best["step"] = grid[0]  # one recipe at the low edge
+    _tune(results, "lm", grid, best)
+    grown, final = study.lr_grid("lm", results)
+    assert grown == (grid[0] / 2,) + grid and not final
+    assert study.tuned_lr("lm", "dense", results) is None
+    todo = {(c.recipe, c.lr) for c in study.plan(results, ("lm",)) if c.run_id not in results}
+    assert todo == {(r, grid[0] / 2) for r in study.RECIPES}
+    best["step"] = grid[0]  # still best at the old edge, now interior: tuning is final
+    _tune(results, "lm", (grid[0] / 2,), best)
+    assert study.lr_grid("lm", results) == (grown, True)
+    assert study.tuned_lr("lm", "step", results) == grid[0]
 
 
-def test_step_run_records_autoswitch_statistic_and_switch():
-    # 20 steps: T_max = 10 comes before the 100-step window fills, so AutoSwitch switches at T_max.
-    auto = train(RunConfig("lm", "step", "2:4", 1e-3, 0), steps=20)
-    assert auto["switch_step"] == 10 and auto["pattern_ok"] is True
-    assert len(auto["z_history"]) == 10 and all(z > 0 for z in auto["z_history"])
-    assert auto["autoswitch_threshold"] == 1e-8 and auto["precond_floor_count"] is not None
-    fixed = train(RunConfig("lm", "step", "2:4", 1e-3, 0, "switch_tmax"), steps=20)
-    assert fixed["switch_step"] == 10 and fixed["z_history"] == [] and fixed["autoswitch_threshold"] is None
+def test_step_run_records_the_autoswitch_statistic_and_switch():
+    # 40 steps: T_max = 20 comes before the 1000-step window fills, so AutoSwitch switches at T_max.
+    auto = train(RunConfig("lm", "step", "2:4", 1e-3, 0), steps=40)
+    assert auto["switch_step"] == 20 and auto["pattern_ok"] is True
+    assert len(auto["z_history"]) == 20 and all(z > 0 for z in auto["z_history"])
+    assert auto["autoswitch"] == {"rule": "relative", "threshold": 2.0}
+    assert auto["betas"] == [0.9, 0.999] and auto["precond_floor_count"] is not None
+    fixed = train(RunConfig("lm", "step", "2:4", 1e-3, 0, 30), steps=40)
+    assert fixed["switch_step"] == 12 and fixed["z_history"] == [] and fixed["autoswitch"] is None
 
 
 def test_asp_run_ends_n_m_sparse_without_switch_or_flips():
@@ -74,17 +99,44 @@ def test_asp_run_ends_n_m_sparse_without_switch_or_flips():
     assert result["final"]["step"] == 20 and 0.0 <= result["final"]["val_acc"] <= 1.0
 
 
-def test_sweep_at_an_aggressive_ratio_runs_seeds_at_its_own_best_lr():
+def test_fine_tuning_continues_the_pretraining_adamw_state(monkeypatch, tmp_path):
+    from bench.accuracy import tasks
+
+    monkeypatch.setattr(tasks, "PRETRAIN_STEPS", 6)
+    monkeypatch.setattr(tasks, "CACHE_DIR", str(tmp_path))
+    task = TASKS["ft"]()
+    assert task.start_step(0) == 6
+    assert set(task.corpus()[:1000].tolist()) <= set(range(256)) and task.corpus_bytes > 100_000
+    result = train(RunConfig("ft", "step", "2:4", 1e-3, 0), steps=20)
+    assert result["start_step"] == 6 and result["switch_step"] == 10  # T_max: 50% of the 20 steps
+    asp = train(RunConfig("ft", "asp", "1:8", 1e-3, 0), steps=4)
+    assert asp["pattern_ok"] is True  # pruned at once: the pretrained model is the one ASP masks
+
+
+def test_student_t_p_value_matches_closed_forms_and_tables():
+    for t in (0.3, 1.0, 2.5, 9.0):  # df = 2: p = 1 - t / sqrt(t^2 + 2); df = 1: the Cauchy law
+        assert study.student_t_two_sided_p(t, 2) == pytest.approx(1 - t / math.sqrt(t * t + 2), rel=1e-10)
+        assert study.student_t_two_sided_p(t, 1) == pytest.approx(1 - 2 / math.pi * math.atan(t), rel=1e-10)
+    for t, df in ((2.776, 4), (2.262, 9), (2.042, 30)):  # tabulated 5% two-sided critical values
+        assert study.student_t_two_sided_p(t, df) == pytest.approx(0.05, abs=2e-4)
+
+
+def test_paired_comparison_matches_seeds_and_counts_wins():
+    def runs(values):
+        return [{"config": {"seed": s, "task": "lm"}, "metric": "val_loss", "final": {"val_loss": v}}
+                for s, v in values.items()]
+
+    a, b = runs({0: 1.0, 1: 2.0, 2: 3.5, 7: 0.0}), runs({0: 1.5, 1: 2.25, 2: 3.6})
+    mean, p, wins, n = study.paired(a, b)
+    diffs = [-0.5, -0.25, -0.1]  # seed 7 has no partner
+    assert n == 3 and wins == 3 and mean == pytest.approx(sum(diffs) / 3)
+    t = abs(mean) / (statistics.stdev(diffs) / math.sqrt(3))
+    assert p == pytest.approx(1 - t / math.sqrt(t * t + 2))
+    assert study.paired(a[:1], b) is None
+
+
+def test_planned_total_counts_the_whole_plan_once_tuned():
     results = {}
-    for recipe in study.RECIPES:
-        for lr in study.LR_GRID:
-            sparsity = None if recipe == "dense" else study.TUNE_SPARSITY
-            results.update(_fake(RunConfig("lm", recipe, sparsity, lr, 0), 3.0 - (lr == study.LR_GRID[1])))
-    assert not any(c.sparsity == study.SWEEP_SPARSITY and c.lr == study.LR_GRID[3] and c.seed == 1
-                   for c in study.plan(results, ("lm",)))
-    for lr in study.LR_GRID:
-        results.update(_fake(RunConfig("lm", "srste", study.SWEEP_SPARSITY, lr, 0), 3.0 - (lr == study.LR_GRID[3])))
-    assert study.tuned_lr("lm", "srste", results, study.SWEEP_SPARSITY) == study.LR_GRID[3]
-    seeds = {c.seed for c in study.plan(results, ("lm",))
-             if c.recipe == "srste" and c.sparsity == study.SWEEP_SPARSITY and c.lr == study.LR_GRID[3]}
-    assert seeds == set(TASKS["lm"].seeds)
+    for task in study.TASK_ORDER:
+        _tune(results, task, study.LR_GRID, {r: study.LR_GRID[1] for r in study.RECIPES})
+    assert len(study._unique(study.plan(results))) == study.planned_total()

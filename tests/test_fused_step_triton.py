@@ -387,7 +387,7 @@ def _teacher_forced_run(dtype, recipe, steps, device):
         torch.manual_seed(0)
         model = TinyGPT(vocab=64, ctx=16, d_model=32, n_layer=1, n_head=2).to(device=device, dtype=dtype)
         opt = sk.STEP(sk.sparse_param_groups(model), lr=3e-3, weight_decay=0.01, betas=(0.9, 0.95), recipe=recipe,
-                      switch=sk.AutoSwitch(max_step=steps // 2, threshold=1e-6), backend=backend)
+                      switch=sk.AutoSwitch(max_step=steps // 2, threshold=1e-6, rule="absolute"), backend=backend)
         runs.append((model, opt))
     (m_ref, o_ref), (m_tri, o_tri) = runs
     assert o_tri.backend == "triton"

@@ -192,7 +192,7 @@ def test_zero_v_coordinate_decays_under_srste(precond_eps, decays):
 # ---------------------------------------------------------------------------------------------
 
 
-def replay_expected(grads, beta2, threshold, t_min, t_max, relative):
+def replay_expected(grads, beta2, threshold, t_min, t_max, rule):
     """Independent replay of DESIGN.md's rule in double precision: (Z history, switch step)."""
     v = [0.0] * len(grads[0])
     history, window = [], max(1, round(1 / (1 - beta2)))
@@ -201,20 +201,21 @@ def replay_expected(grads, beta2, threshold, t_min, t_max, relative):
         a = sum(abs(x - y) for x, y in zip(new, v))
         s = sum(new)
         v = new
-        history.append((a / s if s else math.inf) if relative else a / len(v))
+        history.append((a / ((1 - beta2) * s) if s else math.inf) if rule == "relative" else a / len(v))
         full = len(history) >= window
         if (t_max is not None and t >= t_max) or (full and t >= t_min and sum(history[-window:]) / window <= threshold):
             return history, t
     return history, None
 
 
-@pytest.mark.parametrize("case", ["window_fill", "t_min", "t_max", "total_steps", "relative", "threshold"])
+@pytest.mark.parametrize("case", ["window_fill", "t_min", "t_max", "total_steps", "relative", "relative_default",
+                                  "threshold"])
 def test_autoswitch_replayed_trajectory(case):
     beta2 = 0.9  # window of 10
     gen = torch.Generator().manual_seed(3)
     base = torch.rand(16, generator=gen) + 0.5
     grads = [(base * 0.7**t).tolist() for t in range(120)]  # shrinking grads: Z falls geometrically
-    threshold, min_step, max_step, total, relative = 1e6, None, None, None, False
+    threshold, min_step, max_step, total, rule = 1e6, None, None, None, "absolute"
     if case == "t_min":
         min_step = 23
     elif case == "t_max":
@@ -222,16 +223,18 @@ def test_autoswitch_replayed_trajectory(case):
     elif case == "total_steps":
         threshold, total = 0.0, 50  # T_min 5, T_max 25
     elif case == "relative":
-        relative, threshold = True, 1.0
+        rule, threshold = "relative", 5.0
+    elif case == "relative_default":  # v filling up from 0 keeps Z above 2 for the first steps
+        rule, threshold = "relative", sk.AutoSwitch.DEFAULT_THRESHOLDS["relative"]
     elif case == "threshold":
         threshold = 1e-4
     t_min, t_max = ref.autoswitch_bounds(min_step, max_step, total)
-    history, expected_switch = replay_expected(grads, beta2, threshold, t_min, t_max, relative)
+    history, expected_switch = replay_expected(grads, beta2, threshold, t_min, t_max, rule)
     assert expected_switch is not None
     lin = nn.Linear(4, 4, bias=False)
     opt = sk.STEP([{"params": [lin.weight], "sparsity": "2:4"}], betas=(0.9, beta2), total_steps=total,
                   switch=sk.AutoSwitch(min_step=min_step, max_step=max_step, threshold=threshold,
-                                       relative=relative), backend="reference")
+                                       rule=rule), backend="reference")
     for g in grads:
         lin.weight.grad = torch.tensor(g).view(4, 4)
         opt.step()
@@ -437,6 +440,7 @@ def test_constructor_rejects_bad_config(kwargs, match):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(min_step=-1), "min_step"), (dict(max_step=1.5), "max_step"),
     (dict(min_step=5, max_step=3), "max_step"), (dict(threshold=-1.0), "threshold"),
+    (dict(threshold=True), "threshold"), (dict(rule="median"), "rule"), (dict(rule=None), "rule"),
 ])
 def test_autoswitch_rejects_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -150,9 +150,11 @@ def test_autoswitch_window_and_bounds():
     assert ref.autoswitch_bounds(None, None, 1000) == (100, 500)
     assert ref.autoswitch_bounds(7, None, 1000) == (7, 500)
     assert ref.autoswitch_bounds(None, None, None) == (0, None)
-    assert ref.autoswitch_z(2.0, 4.0, 8) == 0.25
-    assert ref.autoswitch_z(2.0, 4.0, 8, relative=True) == 0.5
-    assert ref.autoswitch_z(2.0, 0.0, 8, relative=True) == math.inf
+    assert ref.autoswitch_z(2.0, 4.0, 8, rule="absolute") == 0.25
+    assert ref.autoswitch_z(2.0, 4.0, 8, rule="relative", beta2=0.75) == pytest.approx(2.0)
+    assert ref.autoswitch_z(2.0, 0.0, 8, rule="relative") == math.inf
+    with pytest.raises(ValueError, match="rule"):
+        ref.autoswitch_z(2.0, 4.0, 8, rule="median")
 
 
 def test_autoswitch_decide_rules():
@@ -163,6 +165,10 @@ def test_autoswitch_decide_rules():
     assert not ref.autoswitch_decide([5.0] * 10 + [0.0], 11, t_min=0, t_max=None, **kw)  # mean 5.0 > 1
     assert ref.autoswitch_decide([5.0] * 3, 3, t_min=0, t_max=3, **kw)  # T_max forces it
     assert ref.autoswitch_decide([1.0] * 10, 10, t_min=0, t_max=None, **kw)  # <= threshold
+    for bad in (math.nan, math.inf):  # a non-finite sample blocks the rule while it is in the window
+        assert not ref.autoswitch_decide([0.0] * 9 + [bad], 10, t_min=0, t_max=None, **kw)
+        assert ref.autoswitch_decide([bad] + [0.0] * 10, 11, t_min=0, t_max=None, **kw)
+        assert ref.autoswitch_decide([bad] * 10, 10, t_min=0, t_max=10, **kw)  # T_max still forces it
 
 
 def test_fused_step_found_inf_is_a_noop():

@@ -1,21 +1,25 @@
-"""One training run of the study: a task, a recipe, an N:M ratio, an lr, a seed (and an ablation).
+"""One training run of the study (protocol v2): a task, a recipe, an N:M ratio, an lr, a seed, and
+optionally a fixed switch point.
 
-Recipes: ``dense`` (AdamW), ``asp`` (dense for 60% of the steps, one-shot magnitude N:M prune,
-masked fine-tune with the mask fixed: apex ASP's recipe), ``srste`` and ``step`` (the optimizer's
-own recipes). Every run uses betas (0.9, 0.99), weight decay 0.01 and a constant lr. With
-beta2 = 0.99 AutoSwitch's window is 100 steps, so it can decide inside a 1000-step run; with
-0.999 its 1000-step window would never fill before T_max and every switch would be T_max.
+Every run trains the way models are trained: AdamW with torch's and the paper's defaults (betas
+(0.9, 0.999), eps 1e-8), decoupled weight decay 0.01, the lr warmed up linearly over the first 5%
+of the steps and then decayed along a cosine to 10% of its peak (a ``LambdaLR`` on the optimizer's
+param groups, as any torch scheduler). With beta2 = 0.999 AutoSwitch's window is 1000 steps, so
+the tasks run 3000 steps: the window fits between T_min (10%) and T_max (50%).
 
-Ablations of DESIGN.md's departures from the public reimplementation (recipe ``step`` only):
-``raw_v`` (freeze 1 / (sqrt(v) + precond_eps) without bias correction), ``precond_eps_1e-8``,
-``ste`` (srste_decay 0) and ``bf16_precond``; plus ``switch_tmax``, which is not a departure but
-asks whether AutoSwitch's choice matters: the switch fixed at T_max = 0.5 * steps instead.
+Recipes: ``dense`` (AdamW), ``asp`` (apex ASP: one magnitude N:M prune, then training with the mask
+fixed; from scratch it trains dense for 60% of the steps first, when fine-tuning it prunes the
+pretrained model at once), ``srste`` and ``step`` (the optimizer's own recipes; ``step`` uses the
+default AutoSwitch). ``switch_at`` (recipe ``step`` only) fixes the switch at that percentage of
+the steps instead: the switch-point sweep.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import platform
 import time
 from dataclasses import asdict, dataclass
 from typing import Dict, Optional
@@ -29,10 +33,13 @@ from step_kernels.targets import find_targets
 from .tasks import TASKS, Task
 
 RECIPES = ("dense", "asp", "srste", "step")
-ABLATIONS = ("raw_v", "precond_eps_1e-8", "ste", "bf16_precond", "switch_tmax")
-BETAS = (0.9, 0.99)
+BETAS = (0.9, 0.999)
+EPS = 1e-8
 WEIGHT_DECAY = 0.01
-ASP_DENSE_FRACTION = 0.6
+WARMUP_FRACTION = 0.05
+FINAL_LR_FRACTION = 0.1
+ASP_DENSE_FRACTION = 0.6  # from scratch; fine-tuning prunes the pretrained model at step 0
+SWITCH_POINTS = (10, 20, 30, 40, 50)  # percent of the run: the switch-point sweep
 EVAL_EVERY = 100
 
 
@@ -43,9 +50,9 @@ class RunConfig:
     task: str
     recipe: str
     sparsity: Optional[str]  # None for dense
-    lr: float
+    lr: float  # the peak of the schedule
     seed: int
-    ablation: Optional[str] = None
+    switch_at: Optional[int] = None  # percent of the steps; None: AutoSwitch
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -54,49 +61,42 @@ class RunConfig:
             raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
         if (self.recipe == "dense") != (self.sparsity is None):
             raise ValueError("sparsity must be None exactly when recipe is 'dense'")
-        if self.ablation is not None and (self.ablation not in ABLATIONS or self.recipe != "step"):
-            raise ValueError(f"ablation must be one of {ABLATIONS} with recipe 'step', got {self.ablation!r}")
+        if self.switch_at is not None and (self.switch_at not in SWITCH_POINTS or self.recipe != "step"):
+            raise ValueError(f"switch_at must be one of {SWITCH_POINTS} with recipe 'step', got {self.switch_at!r}")
 
     @property
     def run_id(self) -> str:
         sparsity = self.sparsity.replace(":", "of") if self.sparsity else "dense"
-        suffix = f"-{self.ablation}" if self.ablation else ""
+        suffix = f"-switch{self.switch_at}" if self.switch_at is not None else ""
         return f"{self.task}-{self.recipe}-{sparsity}-lr{self.lr:g}-s{self.seed}{suffix}"
 
 
-class _RawVSTEP(STEP):
-    """STEP whose frozen preconditioner skips v's bias correction (the reimplementation's choice).
-
-    At a switch at step t this is exactly a phase-2 step 1 / sqrt(1 - beta2**t) times larger on the
-    targets (1.26x at t = 100 with beta2 = 0.99); phase 1 and non-target parameters are unchanged.
-    """
-
-    def _do_switch(self, t: int) -> None:
-        raw = {id(p): self.state[p]["exp_avg_sq"].clone() for _, p, _ in self._targets()}
-        super()._do_switch(t)
-        floor = 0
-        for _, p, _ in self._targets():
-            precond = self.state[p]["precond"]
-            precond.copy_(1.0 / (raw[id(p)].sqrt() + self.precond_eps))
-            floor += int((raw[id(p)].sqrt() < self.precond_eps).sum().item())
-        self._set_global("precond_floor_count", floor)
+def lr_factor(step: int, steps: int) -> float:
+    """The schedule's multiplier of the peak lr at optimizer step ``step`` (counted from 0):
+    linear warm-up over ``WARMUP_FRACTION`` of the steps, then cosine decay to ``FINAL_LR_FRACTION``."""
+    warmup = max(1, round(WARMUP_FRACTION * steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def _optimizer(config: RunConfig, model: torch.nn.Module, task: Task, steps: int) -> STEP:
+    """The run's optimizer; a fine-tuning task's continues the pretraining AdamW state."""
     recipe = "dense" if config.recipe in ("dense", "asp") else config.recipe
-    groups = sparse_param_groups(model, config.sparsity or "2:4", exclude=task.exclude,
-                                 weight_decay=WEIGHT_DECAY)
-    kwargs = dict(lr=config.lr, betas=BETAS, recipe=recipe, total_steps=steps)
-    if config.ablation == "precond_eps_1e-8":
-        kwargs["precond_eps"] = 1e-8
-    elif config.ablation == "ste":
-        kwargs["srste_decay"] = 0.0
-    elif config.ablation == "bf16_precond":
-        kwargs["precond_dtype"] = torch.bfloat16
-    elif config.ablation == "switch_tmax":
-        kwargs["switch"] = int(0.5 * steps)
-    cls = _RawVSTEP if config.ablation == "raw_v" else STEP
-    return cls(groups, **kwargs)
+    start = task.start_step(config.seed)
+    if config.switch_at is not None:
+        switch = start + int(config.switch_at / 100 * steps)
+    else:  # AutoSwitch's default bounds, 10% and 50% of this run's own steps
+        switch = AutoSwitch(min_step=start + int(0.1 * steps), max_step=start + int(0.5 * steps))
+    kwargs = dict(lr=config.lr, betas=BETAS, eps=EPS, recipe=recipe, switch=switch)
+    sparsity = config.sparsity or "2:4"
+    adamw_state = task.adamw_state(config.seed)
+    if adamw_state is not None:
+        return STEP.from_adamw(model, adamw_state, sparsity=sparsity, exclude=task.exclude,
+                               weight_decay=WEIGHT_DECAY, **kwargs)
+    groups = sparse_param_groups(model, sparsity, exclude=task.exclude, weight_decay=WEIGHT_DECAY)
+    return STEP(groups, **kwargs)
 
 
 def _pattern_ok(model: torch.nn.Module, task: Task, sparsity: str) -> bool:
@@ -114,25 +114,30 @@ def train(config: RunConfig, steps: Optional[int] = None, progress=None) -> Dict
     steps = steps or task.steps
     model = task.build(config.seed)
     opt = _optimizer(config, model, task, steps)
+    start_step = opt.step_count
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps))
     targets = find_targets(model, exclude=task.exclude)
     asp_masks = None
-    prune_at = int(ASP_DENSE_FRACTION * steps) if config.recipe == "asp" else None
+    prune_at = (int(task.asp_dense_fraction * steps) if config.recipe == "asp" else None)
     gen = torch.Generator().manual_seed(1_000_003 * config.seed + 17)
     curve, flips = [], []
-    start = time.perf_counter()
+    begin = time.perf_counter()
     for step in range(1, steps + 1):
+        if config.recipe == "asp" and asp_masks is None and step > prune_at:
+            n, m = parse_sparsity(config.sparsity)
+            asp_masks = [nm_mask(t.param.detach(), n, m, t.group_dim) for t in targets]
+            with torch.no_grad():
+                for t, mask in zip(targets, asp_masks):
+                    t.param.mul_(mask)
         opt.zero_grad(set_to_none=True)
         loss = task.loss(model, gen)
         loss.backward()
         opt.step()
-        if config.recipe == "asp":
-            if step == prune_at:
-                n, m = parse_sparsity(config.sparsity)
-                asp_masks = [nm_mask(t.param.detach(), n, m, t.group_dim) for t in targets]
-            if asp_masks is not None:
-                with torch.no_grad():
-                    for t, mask in zip(targets, asp_masks):
-                        t.param.mul_(mask)
+        schedule.step()
+        if asp_masks is not None:
+            with torch.no_grad():
+                for t, mask in zip(targets, asp_masks):
+                    t.param.mul_(mask)
         flip_rate = opt.stats()["flip_rate"] if config.recipe in ("srste", "step") else None
         if flip_rate is not None:
             flips.append((step, flip_rate))
@@ -141,19 +146,24 @@ def train(config: RunConfig, steps: Optional[int] = None, progress=None) -> Dict
             curve.append({"step": step, "train_loss": loss.item(), **metrics})
             if progress:
                 progress(f"    {config.run_id} step {step}/{steps} {task.metric} {metrics[task.metric]:.4f}")
-    wall = time.perf_counter() - start
+    wall = time.perf_counter() - begin
     final_stats = opt.stats()
+    switch = opt.switch if config.recipe == "step" and isinstance(opt.switch, AutoSwitch) else None
     return {
-        "config": asdict(config), "run_id": config.run_id, "steps": steps, "betas": list(BETAS),
-        "weight_decay": WEIGHT_DECAY, "metric": task.metric, "final": curve[-1],
-        "curve": curve, "flip_rate": flips[::10] + ([flips[-1]] if flips and (len(flips) - 1) % 10 else []),
-        "switch_step": opt.switch_step,
+        "config": asdict(config), "run_id": config.run_id, "protocol": 2, "steps": steps,
+        "betas": list(BETAS), "eps": EPS, "weight_decay": WEIGHT_DECAY,
+        "schedule": {"warmup_fraction": WARMUP_FRACTION, "final_lr_fraction": FINAL_LR_FRACTION},
+        "metric": task.metric, "final": curve[-1], "curve": curve,
+        "flip_rate": flips[::10] + ([flips[-1]] if flips and (len(flips) - 1) % 10 else []),
+        "start_step": start_step,
+        "switch_step": None if opt.switch_step is None else opt.switch_step - start_step,
         "precond_floor_count": final_stats["precond_floor_count"] if config.recipe == "step" else None,
         "z_history": final_stats["z_history"] if config.recipe == "step" else None,
-        "autoswitch_threshold": opt.switch.threshold if isinstance(opt.switch, AutoSwitch) else None,
+        "autoswitch": None if switch is None else {"rule": switch.rule, "threshold": switch.threshold},
         "pattern_ok": _pattern_ok(model, task, config.sparsity) if config.sparsity else None,
         "wall_s": wall, "threads": torch.get_num_threads(), "backend": opt.backend,
-        "torch": torch.__version__,
+        "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+        "corpus_bytes": getattr(task, "corpus_bytes", None),
     }
 
 

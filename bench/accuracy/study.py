@@ -1,4 +1,4 @@
-"""The accuracy study: plan, run what is missing, report.
+"""The accuracy study (protocol v2): plan, run what is missing, report.
 
 ``python -m bench.accuracy.study plan`` lists every run and whether its result exists;
 ``python -m bench.accuracy.study run [--max-minutes M] [--task lm]`` trains missing runs in plan
@@ -7,10 +7,16 @@ it stopped and can be spread over many sessions); ``python -m bench.accuracy.stu
 writes ``bench/accuracy/REPORT.md`` and its plots from the committed results, and copies the
 summary tables into the top-level README between the ``accuracy`` markers.
 
-The plan, fair by construction: (1) each recipe's lr is the best of ``LR_GRID`` on seed 0 at 2:4
-(dense: its own best); (2) every recipe x ratio runs the task's ``seeds`` (at least 3) with its
-tuned lr; (3) ablations of DESIGN.md's departures on the LM, recipe ``step`` at 2:4, with step's
-tuned lr.
+The plan, fixed before any result of it was seen, the same for every recipe (see ``run.py`` for
+the training protocol):
+
+1. Tuning: each recipe's peak lr is the best of ``LR_GRID`` on seed 0 at 2:4 (dense: its own
+   best). If any recipe's best sits at an edge of the grid, the task's grid grows by one factor
+   of two on that side for every recipe (at most ``MAX_GRID_EXTENSIONS`` times), and tuning
+   goes on.
+2. Seeds: every recipe x ratio runs the task's seeds with its tuned lr.
+3. Switch-point sweep (``SWEEP``): STEP at its tuned lr with the switch fixed at 10, 20, 30, 40
+   and 50% of the run, every seed.
 """
 
 from __future__ import annotations
@@ -18,34 +24,25 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import re
 import statistics
 import time
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
-from .run import ABLATIONS, ASP_DENSE_FRACTION, BETAS, RECIPES, WEIGHT_DECAY, RunConfig, result_path, run_if_missing
-from .tasks import TASKS
+from .run import ASP_DENSE_FRACTION, BETAS, RECIPES, SWITCH_POINTS, WEIGHT_DECAY, RunConfig, result_path, run_if_missing
+from .tasks import PRETRAIN_LR, PRETRAIN_STEPS, TASKS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS_DIR = os.path.join(HERE, "results")
 REPORT = os.path.join(HERE, "REPORT.md")
 README = os.path.join(os.path.dirname(os.path.dirname(HERE)), "README.md")
-TASK_ORDER = ("lm", "digits", "gpt2")
-# 5e-4 was added after the first LM tuning put dense, srste and step at the grid's low edge (1e-3);
-# the grid is the same for every recipe, so every recipe was re-tuned on it.
-LR_GRID = (5e-4, 1e-3, 2e-3, 4e-3, 8e-3)
+TASK_ORDER = ("lm", "digits", "gpt2", "ft")
+LR_GRID = (1e-3, 2e-3, 4e-3, 8e-3)
+MAX_GRID_EXTENSIONS = 2
 TUNE_SPARSITY = "2:4"
-SWEEP_SPARSITY = "1:8"  # the lm's second lr sweep, on seed 0, to check the reuse of 2:4's lr
-ABLATION_LABELS = {
-    None: "defaults (bias-corrected v, precond_eps 1e-6, SR-STE decay 2e-4, fp32 preconditioner, AutoSwitch)",
-    "raw_v": "raw v (no bias correction) in the frozen preconditioner: at a switch at step 100 this is a "
-             "1.26x larger phase-2 step on the targets",
-    "precond_eps_1e-8": "precond_eps 1e-8",
-    "ste": "plain STE (srste_decay 0)",
-    "bf16_precond": "bf16 preconditioner",
-    "switch_tmax": "switch fixed at T_max (step 500) instead of AutoSwitch",
-}
+SWEEP = {"lm": ("2:4", "1:8"), "gpt2": ("2:4",)}  # the switch-point sweep: task -> ratios
 
 
 def load_results(results_dir: str = RESULTS_DIR) -> Dict[str, Dict]:
@@ -62,37 +59,64 @@ def _better(task: str, a: float, b: float) -> bool:
     return a > b if TASKS[task].higher_is_better else a < b
 
 
+def _value(result: Dict) -> float:
+    return result["final"][result["metric"]]
+
+
 def seed_runs(results: Dict[str, Dict], task: str, recipe: str, sparsity: Optional[str], lr: Optional[float],
-              ablation: Optional[str] = None) -> List[Dict]:
-    """The stored results of (task, recipe, sparsity, lr, ablation) over the task's seeds, in seed
-    order; ``sparsity`` is ignored for dense, and an lr of None (not tuned yet) has no runs."""
+              switch_at: Optional[int] = None) -> List[Dict]:
+    """The stored results of (task, recipe, sparsity, lr, switch point) over the task's seeds, in
+    seed order; ``sparsity`` is ignored for dense, and an lr of None (not tuned yet) has no runs."""
     if lr is None:
         return []
-    configs = (RunConfig(task, recipe, None if recipe == "dense" else sparsity, lr, seed, ablation)
+    configs = (RunConfig(task, recipe, None if recipe == "dense" else sparsity, lr, seed, switch_at)
                for seed in TASKS[task].seeds)
     return [results[c.run_id] for c in configs if c.run_id in results]
 
 
-def tuned_lr(task: str, recipe: str, results: Dict[str, Dict], sparsity: str = TUNE_SPARSITY) -> Optional[float]:
-    """The best lr of the grid for (task, recipe) on seed 0 at ``sparsity``, once all its runs exist."""
+def _tuning_config(task: str, recipe: str, lr: float) -> RunConfig:
+    return RunConfig(task, recipe, None if recipe == "dense" else TUNE_SPARSITY, lr, 0)
+
+
+def _best_on(grid: Tuple[float, ...], task: str, recipe: str, results: Dict[str, Dict]) -> Optional[float]:
     best = None
-    for lr in LR_GRID:
-        config = RunConfig(task, recipe, None if recipe == "dense" else sparsity, lr, 0)
-        result = results.get(config.run_id)
+    for lr in grid:
+        result = results.get(_tuning_config(task, recipe, lr).run_id)
         if result is None:
             return None
-        value = result["final"][result["metric"]]
-        if best is None or _better(task, value, best[1]):
-            best = (lr, value)
+        if best is None or _better(task, _value(result), best[1]):
+            best = (lr, _value(result))
     return best[0]
+
+
+def lr_grid(task: str, results: Dict[str, Dict]) -> Tuple[Tuple[float, ...], bool]:
+    """``(grid, final)``: the task's lr grid, ``LR_GRID`` grown by a factor of two on a side where
+    a recipe's best lr sits at the edge once every recipe's runs on the current grid exist; final
+    when every recipe's runs exist and no edge needs growing (or the growth limit is reached)."""
+    grid = tuple(LR_GRID)
+    for extension in range(MAX_GRID_EXTENSIONS + 1):
+        best = [_best_on(grid, task, recipe, results) for recipe in RECIPES]
+        if any(b is None for b in best):
+            return grid, False
+        low, high = grid[0] in best, grid[-1] in best
+        if not (low or high) or extension == MAX_GRID_EXTENSIONS:
+            return grid, True
+        grid = ((grid[0] / 2,) if low else ()) + grid + ((grid[-1] * 2,) if high else ())
+    raise AssertionError("unreachable")
+
+
+def tuned_lr(task: str, recipe: str, results: Dict[str, Dict]) -> Optional[float]:
+    """The best lr of the task's grid for ``recipe`` on seed 0 at 2:4, once tuning is final."""
+    grid, final = lr_grid(task, results)
+    return _best_on(grid, task, recipe, results) if final else None
 
 
 def plan(results: Dict[str, Dict], tasks=TASK_ORDER) -> Iterator[RunConfig]:
     """Every run of the study in order; runs that depend on a tuned lr appear once it is known."""
     for task in tasks:
         for recipe in RECIPES:
-            for lr in LR_GRID:
-                yield RunConfig(task, recipe, None if recipe == "dense" else TUNE_SPARSITY, lr, 0)
+            for lr in lr_grid(task, results)[0]:
+                yield _tuning_config(task, recipe, lr)
         for recipe in RECIPES:
             lr = tuned_lr(task, recipe, results)
             if lr is None:
@@ -101,26 +125,22 @@ def plan(results: Dict[str, Dict], tasks=TASK_ORDER) -> Iterator[RunConfig]:
                 for seed in TASKS[task].seeds:
                     yield RunConfig(task, recipe, sparsity, lr, seed)
         lr = tuned_lr(task, "step", results)
-        # A control for the tuning seed: every recipe at 2:4 with step's lr, so seeds compare pairwise
-        # at one lr (an lr tuned on seed 0 can sit at the edge of stability for other seeds).
-        for recipe in RECIPES if lr is not None else ():
-            for seed in TASKS[task].seeds:
-                yield RunConfig(task, recipe, None if recipe == "dense" else TUNE_SPARSITY, lr, seed)
-        if task == "lm" and lr is not None:
-            for ablation in ABLATIONS:
+        for sparsity in SWEEP.get(task, ()) if lr is not None else ():
+            for switch_at in SWITCH_POINTS:
                 for seed in TASKS[task].seeds:
-                    yield RunConfig(task, "step", TUNE_SPARSITY, lr, seed, ablation)
-            # Does the switch point explain the gap to SR-STE at every ratio, not only at 2:4?
-            for sparsity in TASKS[task].sparsities:
-                for seed in TASKS[task].seeds:
-                    yield RunConfig(task, "step", sparsity, lr, seed, "switch_tmax")
-            # Is the ranking at an aggressive ratio an artefact of reusing the lr tuned at 2:4?
-            for recipe in ("asp", "srste", "step"):
-                for lr in LR_GRID:
-                    yield RunConfig(task, recipe, SWEEP_SPARSITY, lr, 0)
-                sweep_lr = tuned_lr(task, recipe, results, SWEEP_SPARSITY)
-                for seed in TASKS[task].seeds if sweep_lr is not None else ():
-                    yield RunConfig(task, recipe, SWEEP_SPARSITY, sweep_lr, seed)
+                    yield RunConfig(task, "step", sparsity, lr, seed, switch_at)
+
+
+def planned_total(tasks=TASK_ORDER) -> int:
+    """How many runs the plan holds once tuning is done, if no lr grid has to grow."""
+    total = 0
+    for task in tasks:
+        t = TASKS[task]
+        sparse_recipes = len(RECIPES) - 1
+        total += len(RECIPES) * len(LR_GRID)  # tuning, seed 0 at 2:4
+        total += len(t.seeds) - 1 + sparse_recipes * (len(t.sparsities) * len(t.seeds) - 1)
+        total += len(SWEEP.get(task, ())) * len(SWITCH_POINTS) * len(t.seeds)
+    return total
 
 
 def _unique(configs: Iterator[RunConfig]) -> List[RunConfig]:
@@ -138,10 +158,15 @@ def cmd_plan(args) -> None:
     done = sum(c.run_id in results for c in configs)
     for c in configs:
         print(f"{'done' if c.run_id in results else 'todo'}  {c.run_id}")
-    print(f"{done}/{len(configs)} runs done (runs that need a tuned lr appear once tuning is complete)")
+    print(f"{done}/{len(configs)} runs done; {planned_total(args.tasks)} in all once tuning is complete "
+          "(runs that need a tuned lr appear then)")
 
 
 def cmd_run(args) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     deadline = time.time() + args.max_minutes * 60 if args.max_minutes else None
     while True:
         results = load_results(args.results)
@@ -170,8 +195,67 @@ def _stats(values: List[float]) -> str:
     return f"{mean:.4f} ± {spread:.4f} (n={len(values)})"
 
 
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularized incomplete beta function (Lentz's method)."""
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-14:
+            break
+    return h
+
+
+def student_t_two_sided_p(t: float, df: int) -> float:
+    """Two-sided p-value of Student's t with ``df`` degrees of freedom: ``I_{df/(df+t^2)}(df/2, 1/2)``."""
+    if math.isinf(t):
+        return 0.0
+    if t == 0:
+        return 1.0
+    x = df / (df + t * t)
+    a, b = df / 2.0, 0.5
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1) / (a + b + 2):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def paired(a: List[Dict], b: List[Dict]) -> Optional[Tuple[float, float, int, int]]:
+    """Paired by seed: ``(mean of a - b, two-sided p of the paired t-test, seeds where a is
+    better, seeds)`` over the seeds both have, or None with fewer than two."""
+    by_seed = {r["config"]["seed"]: _value(r) for r in b}
+    pairs = [(_value(r), by_seed[r["config"]["seed"]]) for r in a if r["config"]["seed"] in by_seed]
+    if len(pairs) < 2:
+        return None
+    task = a[0]["config"]["task"]
+    diffs = [x - y for x, y in pairs]
+    mean, spread = statistics.fmean(diffs), statistics.stdev(diffs)
+    t = math.inf if spread == 0 else mean / (spread / math.sqrt(len(diffs)))
+    p = 1.0 if mean == 0 else student_t_two_sided_p(abs(t), len(diffs) - 1)
+    return mean, p, sum(_better(task, x, y) for x, y in pairs), len(pairs)
+
+
+def _switches(runs: List[Dict]) -> str:
+    steps = [r["switch_step"] for r in runs if r["switch_step"] is not None]
+    return f"{statistics.fmean(steps):.0f} ({min(steps)}-{max(steps)})" if steps else "-"
+
+
+def _task_title(task: str) -> str:
+    t = TASKS[task]
+    direction = "higher" if t.higher_is_better else "lower"
+    return f"**{task}** ({t.__doc__.splitlines()[0].rstrip('.')}): {t.metric}, {direction} is better"
+
+
 def summary_tables(results: Dict[str, Dict]) -> str:
-    """Markdown: per task, recipe x ratio mean ± std of the headline metric; then the ablations."""
+    """Markdown: per task, recipe x ratio mean ± std with the paired STEP-vs-SR-STE test; then the
+    switch-point sweep and AutoSwitch's place in it."""
     lines = []
     for task in TASK_ORDER:
         metric = TASKS[task].metric
@@ -179,94 +263,85 @@ def summary_tables(results: Dict[str, Dict]) -> str:
         rows = []
         for recipe in RECIPES:
             lr = tuned_lr(task, recipe, results)
-            if lr is None:
-                continue
-            for sparsity in ([None] if recipe == "dense" else TASKS[task].sparsities):
+            for sparsity in ([None] if recipe == "dense" else TASKS[task].sparsities) if lr else ():
                 runs = seed_runs(results, task, recipe, sparsity, lr)
                 cells = [_stats([r["final"][name] for r in runs]) for name in [metric] + extra]
-                switches = [r["switch_step"] for r in runs if r["switch_step"] is not None]
-                switch = (f"{statistics.fmean(switches):.0f} ({min(switches)}-{max(switches)})"
-                          if switches else "-")
-                rows.append(f"| {recipe} | {sparsity or '-'} | {lr:g} | {' | '.join(cells)} | {switch} |")
-        if rows:
-            direction = "higher" if TASKS[task].higher_is_better else "lower"
-            steps = TASKS[task].steps
-            header = ["recipe", "N:M", "lr (tuned)", *(f"{name} mean ± std" for name in [metric] + extra),
-                      f"switch step, mean (range); T_min {int(0.1 * steps)}, T_max {int(0.5 * steps)}"]
-            lines += [f"**{task}** ({TASKS[task].__doc__.splitlines()[0].rstrip('.')}): {metric}, "
-                      f"{direction} is better", "", "| " + " | ".join(header) + " |",
-                      "|" + "---|" * len(header), *rows, ""]
-    lines += _same_lr_table(results)
-    lr = tuned_lr("lm", "step", results)
-    if lr is not None:
-        rows = []
-        for ablation in (None,) + ABLATIONS:
-            runs = seed_runs(results, "lm", "step", TUNE_SPARSITY, lr, ablation)
-            if runs:
-                values = [r["final"]["val_loss"] for r in runs]
-                wall = statistics.median(r["wall_s"] / r["steps"] * 1e3 for r in runs)
-                rows.append(f"| {ABLATION_LABELS[ablation]} | "
-                            f"{_stats(values)} | {wall:.0f} |")
-        lines += ["**Ablations** (lm, step, 2:4)", "", "| variant | val_loss mean ± std | ms/step (median over seeds; "
-                  "whole training step incl. evaluation) |", "|---|---|---|", *rows, ""]
-        lines += _switch_table(results, lr)
-        lines += _sweep_table(results)
+                rows.append(f"| {recipe} | {sparsity or '-'} | {lr:g} | {' | '.join(cells)} | {_switches(runs)} |")
+        if not rows:
+            continue
+        steps = TASKS[task].steps
+        header = ["recipe", "N:M", "peak lr (tuned)", *(f"{name} mean ± std" for name in [metric] + extra),
+                  f"switch step, mean (range); T_min {int(0.1 * steps)}, T_max {int(0.5 * steps)}"]
+        lines += [_task_title(task), "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *rows, ""]
+        lines += _paired_lines(results, task)
+    lines += _sweep_table(results)
+    lines += _autoswitch_table(results)
     return "\n".join(lines)
 
 
-def _same_lr_table(results: Dict[str, Dict]) -> List[str]:
-    """Markdown lines: per task, every recipe at 2:4 (dense: dense) with step's tuned lr."""
-    rows = []
-    for task in TASK_ORDER:
-        lr = tuned_lr(task, "step", results)
-        if lr is None:
-            continue
-        cells = []
-        for recipe in RECIPES:
-            runs = seed_runs(results, task, recipe, TUNE_SPARSITY, lr)
-            cells.append(_stats([r["final"][r["metric"]] for r in runs]))
-        rows.append(f"| {task} ({TASKS[task].metric}) | {lr:g} | {' | '.join(cells)} |")
-    if not rows:
+def _paired_lines(results: Dict[str, Dict], task: str) -> List[str]:
+    """Markdown lines: STEP minus SR-STE per ratio, paired by seed, each at its tuned lr."""
+    step_lr, srste_lr = tuned_lr(task, "step", results), tuned_lr(task, "srste", results)
+    out = []
+    for sparsity in TASKS[task].sparsities:
+        test = paired(seed_runs(results, task, "step", sparsity, step_lr),
+                      seed_runs(results, task, "srste", sparsity, srste_lr))
+        if test is not None:
+            mean, p, wins, n = test
+            out.append(f"{sparsity}: {mean:+.4f} (paired t-test p = {p:.2g}; STEP better on {wins} of {n} seeds)")
+    if not out:
         return []
-    return [f"**One lr for every recipe** ({TUNE_SPARSITY}, step's tuned lr, the same seeds)", "",
-            "| task | lr | " + " | ".join(RECIPES) + " |", "|" + "---|" * (len(RECIPES) + 2), *rows, ""]
-
-
-def _switch_table(results: Dict[str, Dict], step_lr: float) -> List[str]:
-    """Markdown lines: lm val_loss per ratio of SR-STE, STEP with AutoSwitch, STEP switched at T_max."""
-    srste_lr = tuned_lr("lm", "srste", results)
-    rows, auto_switches = [], set()
-    for sparsity in TASKS["lm"].sparsities:
-        auto_switches.update(r["switch_step"] for r in seed_runs(results, "lm", "step", sparsity, step_lr))
-        cells = []
-        for recipe, lr, ablation in (("srste", srste_lr, None), ("step", step_lr, None),
-                                     ("step", step_lr, "switch_tmax")):
-            runs = seed_runs(results, "lm", recipe, sparsity, lr, ablation)
-            cells.append(_stats([r["final"]["val_loss"] for r in runs]))
-        rows.append(f"| {sparsity} | {' | '.join(cells)} |")
-    switched = ", ".join(str(t) for t in sorted(auto_switches)) or "-"
-    return [f"**Switch point** (lm, val_loss; AutoSwitch's switch steps in these runs: {switched})", "",
-            "| N:M | srste | step, AutoSwitch | step, switch at T_max (500) |", "|---|---|---|---|", *rows, ""]
+    return [f"STEP minus SR-STE ({TASKS[task].metric}), paired by seed: " + "; ".join(out) + ".", ""]
 
 
 def _sweep_table(results: Dict[str, Dict]) -> List[str]:
-    """Markdown lines: lm val_loss at SWEEP_SPARSITY on seed 0 for every lr of the grid."""
+    """Markdown lines: STEP with the switch fixed at each point of the sweep, and with AutoSwitch."""
     rows = []
-    for recipe in ("asp", "srste", "step"):
-        cells = []
-        for lr in LR_GRID:
-            result = results.get(RunConfig("lm", recipe, SWEEP_SPARSITY, lr, 0).run_id)
-            cells.append(f"{result['final']['val_loss']:.4f}" if result else "-")
-        lr = tuned_lr("lm", recipe, results, SWEEP_SPARSITY)
-        seeds = _stats([r["final"]["val_loss"] for r in seed_runs(results, "lm", recipe, SWEEP_SPARSITY, lr)])
-        rows.append(f"| {recipe} | {' | '.join(cells)} | {f'{lr:g}' if lr else '-'}: {seeds} |")
-    return [f"**lr sweep at {SWEEP_SPARSITY}** (lm, val_loss; the tables above reuse the lr tuned at "
-            f"{TUNE_SPARSITY}): seed 0 at every lr, then the seeds at the best one", "",
-            "| recipe | " + " | ".join(f"lr {lr:g}" for lr in LR_GRID) + " | best lr: mean ± std |",
-            "|" + "---|" * (len(LR_GRID) + 2), *rows, ""]
+    for task, ratios in SWEEP.items():
+        lr = tuned_lr(task, "step", results)
+        for sparsity in ratios if lr else ():
+            cells = [_stats([_value(r) for r in seed_runs(results, task, "step", sparsity, lr, p)])
+                     for p in SWITCH_POINTS]
+            auto = seed_runs(results, task, "step", sparsity, lr)
+            cells.append(f"{_stats([_value(r) for r in auto])}, switch {_switches(auto)}")
+            rows.append(f"| {task} | {sparsity} | {lr:g} | {' | '.join(cells)} |")
+    if not rows:
+        return []
+    return ["**Switch-point sweep**: STEP with the switch fixed at a share of the run, and with AutoSwitch "
+            "(metric as in the task's table)", "",
+            "| task | N:M | peak lr | " + " | ".join(f"switch at {p}%" for p in SWITCH_POINTS) + " | AutoSwitch |",
+            "|" + "---|" * (len(SWITCH_POINTS) + 4), *rows, ""]
+
+
+def _autoswitch_table(results: Dict[str, Dict]) -> List[str]:
+    """Markdown lines: where AutoSwitch switched and whether its result is within seed noise of the
+    sweep's best fixed switch (the difference of the means within the larger of the two stds)."""
+    rows = []
+    for task, ratios in SWEEP.items():
+        lr = tuned_lr(task, "step", results)
+        for sparsity in ratios if lr else ():
+            auto = seed_runs(results, task, "step", sparsity, lr)
+            sweep = {p: seed_runs(results, task, "step", sparsity, lr, p) for p in SWITCH_POINTS}
+            if len(auto) < 2 or any(len(r) < 2 for r in sweep.values()):
+                continue
+            means = {p: statistics.fmean(_value(r) for r in runs) for p, runs in sweep.items()}
+            best = min(means, key=means.get) if not TASKS[task].higher_is_better else max(means, key=means.get)
+            auto_values = [_value(r) for r in auto]
+            gap = statistics.fmean(auto_values) - means[best]
+            noise = max(statistics.stdev(auto_values), statistics.stdev(_value(r) for r in sweep[best]))
+            verdict = "yes" if abs(gap) <= noise else ("no, better" if _better(task, gap + means[best], means[best])
+                                                       else "no, worse")
+            rows.append(f"| {task} | {sparsity} | {_switches(auto)} | {best}% | {gap:+.4f} | {noise:.4f} | {verdict} |")
+    if not rows:
+        return []
+    return ["**AutoSwitch** (default rule: relative change of v, threshold 2): where it switches, and its "
+            "result against the sweep's best fixed switch", "",
+            "| task | N:M | switch step, mean (range) | best fixed switch | AutoSwitch minus best | "
+            "seed noise (larger std) | within noise |", "|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def _plot(results: Dict[str, Dict], task: str, path: str) -> bool:
+    """Validation curves (mean over seeds) per ratio, and seed 0's flip rate, for each recipe."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -279,29 +354,27 @@ def _plot(results: Dict[str, Dict], task: str, path: str) -> bool:
         ax, fax = axes[0][col], axes[1][col]
         for recipe in RECIPES:
             lr = tuned_lr(task, recipe, results)
-            if lr is None:
-                continue
             runs = seed_runs(results, task, recipe, sparsity, lr)
             if not runs:
                 continue
             steps = [p["step"] for p in runs[0]["curve"]]
             metric = runs[0]["metric"]
             mean = [statistics.fmean(r["curve"][i][metric] for r in runs) for i in range(len(steps))]
-            ax.plot(steps, mean, marker=".", label=f"{recipe}, lr {lr:g} (n={len(runs)})")
-            if recipe == "asp":
+            ax.plot(steps, mean, label=f"{recipe}, lr {lr:g} (n={len(runs)})")
+            if recipe == "asp" and TASKS[task].asp_dense_fraction:
                 ax.axvline(ASP_DENSE_FRACTION * TASKS[task].steps, color="gray", ls=":", lw=1)
             if runs[0]["flip_rate"]:
                 fs, fr = zip(*runs[0]["flip_rate"])
                 fax.semilogy(fs, [max(v, 1e-7) for v in fr], label=recipe)
             drawn = True
         ax.set_title(f"{task} {sparsity}", fontsize=9)
-        ax.set_xlabel("step")
-        ax.set_ylabel(TASKS[task].metric)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(f"{TASKS[task].metric} (validation)")
         if ax.get_lines():
             ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-        fax.set_xlabel("step")
-        fax.set_ylabel("mask flip rate (seed 0; 0 drawn at 1e-7)")
+        fax.set_xlabel("optimizer step")
+        fax.set_ylabel("mask flip rate per step (seed 0; 0 drawn at 1e-7)")
         if fax.get_lines():
             fax.legend(fontsize=7)
         fax.grid(alpha=0.3)
@@ -312,9 +385,49 @@ def _plot(results: Dict[str, Dict], task: str, path: str) -> bool:
     return drawn
 
 
+def _plot_sweep(results: Dict[str, Dict], task: str, path: str) -> bool:
+    """The sweep: the metric against the switch point (mean ± std over seeds), AutoSwitch marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lr = tuned_lr(task, "step", results)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = False
+    steps = TASKS[task].steps
+    for sparsity in SWEEP.get(task, ()) if lr else ():
+        points = [(p, [_value(r) for r in seed_runs(results, task, "step", sparsity, lr, p)]) for p in SWITCH_POINTS]
+        points = [(p, v) for p, v in points if v]
+        if not points:
+            continue
+        xs = [p * steps / 100 for p, _ in points]
+        ys = [statistics.fmean(v) for _, v in points]
+        err = [statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in points]
+        line = ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=f"{sparsity}, fixed switch")
+        auto = seed_runs(results, task, "step", sparsity, lr)
+        if auto:
+            color = line[0].get_color()
+            ax.errorbar([statistics.fmean(r["switch_step"] for r in auto)],
+                        [statistics.fmean(_value(r) for r in auto)],
+                        xerr=[[0], [0]] if len(auto) < 2 else None, marker="*", markersize=14, color=color, ls="",
+                        label=f"{sparsity}, AutoSwitch (mean switch step)")
+        drawn = True
+    if drawn:
+        ax.set_xlabel("switch step (optimizer steps; run length %d)" % steps)
+        ax.set_ylabel(f"final {TASKS[task].metric} (validation; mean ± std over seeds)")
+        ax.set_title(f"{task}: STEP's switch point", fontsize=10)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return drawn
+
+
 def _plot_autoswitch(results: Dict[str, Dict], path: str) -> bool:
-    """AutoSwitch's statistic: the window mean of Z per step of each task's tuned step 2:4 run on
-    seed 0 (those that recorded Z), against the threshold it is compared with."""
+    """AutoSwitch's statistic: the window mean of Z per step in each task's tuned step 2:4 run on
+    seed 0, against the threshold it is compared with."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -333,15 +446,16 @@ def _plot_autoswitch(results: Dict[str, Dict], path: str) -> bool:
         z = result["z_history"]
         means = [(t, statistics.fmean(z[t - window:t])) for t in range(window, len(z) + 1)]
         ax.semilogy(range(1, len(z) + 1), z, lw=0.6, alpha=0.4)
-        ax.semilogy(*zip(*means), color=ax.get_lines()[-1].get_color(),
-                    label=f"{task}: window mean (switch at {result['switch_step']})")
-        threshold = result["autoswitch_threshold"]
+        if means:
+            ax.semilogy(*zip(*means), color=ax.get_lines()[-1].get_color(),
+                        label=f"{task}: window mean (switch at {result['switch_step']})")
+        threshold = result["autoswitch"]["threshold"]
     if threshold is None:
         plt.close(fig)
         return False
     ax.axhline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:g}")
-    ax.set_xlabel("step (phase 1)")
-    ax.set_ylabel("Z = mean |v_t - v_(t-1)|")
+    ax.set_xlabel("optimizer step of the run (phase 1)")
+    ax.set_ylabel("Z = sum|v_t - v_(t-1)| / ((1 - beta2) sum v_t)  (dimensionless)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -360,19 +474,33 @@ def cmd_report(args) -> None:
         png = os.path.join(HERE, f"{task}.png")
         if _plot(results, task, png):
             plots.append(f"![{task}](bench/accuracy/{task}.png)")
+        png = os.path.join(HERE, f"{task}_switch.png")
+        if _plot_sweep(results, task, png):
+            plots.append(f"![{task} switch-point sweep](bench/accuracy/{task}_switch.png)")
     if _plot_autoswitch(results, os.path.join(HERE, "autoswitch.png")):
         plots.append("![autoswitch](bench/accuracy/autoswitch.png)")
-    machines = sorted({f"{r['threads']} threads, torch {r['torch']}, backend {r['backend']}" for r in results.values()})
-    body = (f"{done} of {len(configs)} planned runs done (the plan grows once each recipe's lr is tuned). "
+    machines = sorted({f"{r['threads']} thread(s), torch {r['torch']}, Python {r['python']}, backend {r['backend']}"
+                       for r in results.values()})
+    steps = TASKS["lm"].steps
+    body = (f"{done} runs done of {max(len(configs), planned_total())} planned (the count grows if an lr grid "
+            f"has to grow). "
             f"Made on a 2-core x86_64 CPU VM with {'; '.join(machines) or 'no runs yet'}. Regenerate with "
             f"`python -m bench.accuracy.study report`; continue with `python -m bench.accuracy.study run`.\n\n"
-            f"Method: every run trains {TASKS['lm'].steps} steps with AdamW betas {tuple(BETAS)}, weight decay "
-            f"{WEIGHT_DECAY:g}, constant lr. Each recipe's lr is the best of {', '.join(f'{lr:g}' for lr in LR_GRID)} "
-            f"on seed 0 at 2:4 (the same grid for every recipe) and is reused at the other ratios; seed 0's "
-            f"tuning run is one of the seeds reported, for every recipe alike. ASP trains dense for "
-            f"{ASP_DENSE_FRACTION:.0%} of the steps (its curve before the dotted line is the dense model), "
-            f"prunes by magnitude once and fine-tunes with the mask fixed.\n\n"
-            f"{tables}\n" + "\n".join(plots) + "\n")
+            f"Method (protocol v2, fixed before any of its results): every run trains {steps} steps with "
+            f"AdamW betas {tuple(BETAS)}, eps 1e-8, weight decay {WEIGHT_DECAY:g}, the lr warmed up linearly over "
+            f"the first 5% of the steps, then decayed along a cosine to 10% of its peak. Each recipe's peak lr is "
+            f"the best of {', '.join(f'{lr:g}' for lr in LR_GRID)} on seed 0 at 2:4 (the same grid for every "
+            f"recipe; a best at an edge grows the grid by a factor of two for every recipe) and is reused at the "
+            f"other ratios; seed 0's tuning run is one of the seeds reported, for every recipe alike. STEP uses "
+            f"the default AutoSwitch (relative change of v, threshold 2, T_min 10% and T_max 50% of the run). "
+            f"ASP trains dense for {ASP_DENSE_FRACTION:.0%} of the steps (its curve before the dotted line is the "
+            f"dense model), prunes by magnitude once and trains on with the mask fixed. Fine-tuning (ft): TinyGPT "
+            f"pretrained dense with AdamW ({PRETRAIN_STEPS} steps, peak lr {PRETRAIN_LR:g}, same schedule) on the "
+            f"lm corpus, then every recipe continues the pretrained model and its AdamW state on other "
+            f"standard-library packages (STEP through `STEP.from_adamw`; ASP prunes at once). The corpora are "
+            f"standard-library sources, so they depend on the Python version (recorded per run).\n\n"
+            f"{tables}\n" + "\n".join(plots) + "\n\nThe first study (protocol v1: 1000 steps, beta2 0.99, "
+            f"constant lr) is archived in [REPORT_v1.md](bench/accuracy/REPORT_v1.md).\n")
     with open(REPORT, "w") as f:
         f.write("# Accuracy study\n\n" + body.replace("](bench/accuracy/", "]("))
     with open(README) as f:
@@ -392,6 +520,7 @@ def main(argv=None) -> None:
     parser.add_argument("--task", dest="tasks", action="append", choices=TASK_ORDER,
                         help="restrict to a task (repeatable); default: all, in the order lm, digits, gpt2")
     parser.add_argument("--max-minutes", type=float, default=None, help="run: stop starting runs after this")
+    parser.add_argument("--threads", type=int, default=None, help="run: torch threads (default: torch's)")
     parser.add_argument("--results", default=RESULTS_DIR)
     args = parser.parse_args(argv)
     args.tasks = tuple(args.tasks) if args.tasks else TASK_ORDER

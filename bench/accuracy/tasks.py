@@ -4,6 +4,9 @@
 - ``gpt2``: ``transformers``' GPT-2 from a config (random init), same corpus: ``Conv1D`` targets
   on a real third-party model.
 - ``digits``: an MLP-Mixer classifier on scikit-learn's bundled 8x8 digits (accuracy).
+- ``ft``: the paper's main setting. TinyGPT pretrained dense with AdamW on the ``lm`` corpus, then
+  fine-tuned sparse on other standard-library packages; every recipe starts from the pretrained
+  model and its AdamW state (STEP through ``STEP.from_adamw``, inheriting m, v and t).
 
 Each task builds its model from a seed, draws training batches from a generator and evaluates
 on a fixed validation set, so every recipe sees the same data in the same order.
@@ -12,7 +15,9 @@ on a fixed validation set, so every recipe sees the same data in the same order.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
+import os
+import sysconfig
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +37,15 @@ class Task:
     batch_size: int
     exclude: Optional[List[str]] = None  # target exclusions (None: the library's defaults)
     seeds: Tuple[int, ...] = (0, 1, 2)  # the seeds of every recipe x ratio (seed 0 also tunes the lr)
+    asp_dense_fraction: float = 0.6  # ASP from scratch trains dense this long before its prune
+
+    def adamw_state(self, seed: int) -> Optional[Dict[str, Any]]:
+        """The AdamW state dict every recipe continues from (fine-tuning), or None."""
+        return None
+
+    def start_step(self, seed: int) -> int:
+        """The optimizer's step count at the start of the run (the pretraining's, when fine-tuning)."""
+        return 0
 
     def build(self, seed: int) -> nn.Module:
         raise NotImplementedError
@@ -48,15 +62,20 @@ class Task:
 class _ByteLM(Task):
     metric = "val_loss"
     higher_is_better = False
-    steps = 1000
+    steps = 3000
     batch_size = 32
     ctx = 64
     eval_batches = 16
 
     def __init__(self):
-        data = stdlib_corpus()
+        data = self.corpus()
+        self.corpus_bytes = data.numel()
         split = int(0.9 * data.numel())
         self.train_data, self.val_data = data[:split], data[split:]
+
+    def corpus(self) -> Tensor:
+        """The task's text as uint8 bytes (the last 10% is the validation set)."""
+        return stdlib_corpus()
 
     def _forward_loss(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         raise NotImplementedError
@@ -151,11 +170,11 @@ class Digits(Task):
     metric = "val_acc"
     higher_is_better = True
     sparsities = ["2:4", "1:8"]
-    steps = 1000
+    steps = 3000
     batch_size = 64
     # The 4-pixel stem (input 4, not divisible by 8) and the classifier stay dense.
     exclude = [r"^stem$", r"(^|\.)classifier$"]
-    # A run takes ~6 s and one validation image is 0.2% accuracy, so this task runs 10 seeds.
+    # A run takes ~20 s and one validation image is 0.2% accuracy, so this task runs 10 seeds.
     seeds = tuple(range(10))
 
     def __init__(self):
@@ -186,4 +205,74 @@ class Digits(Task):
                 "val_loss": F.cross_entropy(logits, self.val_y).item()}
 
 
-TASKS = {"lm": TinyGPTLM, "gpt2": GPT2LM, "digits": Digits}
+# Fine-tuning text: standard-library packages none of whose files are in the pretraining corpus.
+FINETUNE_PACKAGES = ("asyncio", "concurrent/futures", "email", "http", "multiprocessing", "urllib", "xml/etree")
+PRETRAIN_STEPS = 3000
+PRETRAIN_LR = 3e-3  # fixed before any fine-tuning result; the same pretrained model for every recipe
+CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache")
+
+
+def package_corpus(packages=FINETUNE_PACKAGES) -> Tensor:
+    """The bytes of every ``.py`` file of ``packages`` (standard-library folders), sorted by path."""
+    root = sysconfig.get_paths()["stdlib"]
+    chunks = []
+    for package in packages:
+        folder = os.path.join(root, package)
+        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name), "rb") as f:
+                    chunks.append(f.read())
+    if not chunks:
+        raise FileNotFoundError(f"none of {packages} found under {root}")
+    return torch.frombuffer(bytearray(b"\n".join(chunks)), dtype=torch.uint8).clone()
+
+
+class FineTuneLM(TinyGPTLM):
+    """TinyGPT pretrained dense (AdamW, 3000 steps, lm corpus), fine-tuned on other stdlib packages."""
+
+    name = "ft"
+    sparsities = ["2:4", "1:8"]
+    asp_dense_fraction = 0.0  # apex ASP's own use: prune the trained model once, then fine-tune
+
+    def corpus(self) -> Tensor:
+        return package_corpus()
+
+    def _pretrained(self, seed: int) -> Dict[str, Any]:
+        """Pretrain once per seed (cached under ``.cache/``; deterministic, so a fresh clone
+        rebuilds the same model): the model's and the AdamW optimizer's state dicts."""
+        path = os.path.join(CACHE_DIR, f"pretrained-s{seed}-{PRETRAIN_STEPS}.pt")
+        if os.path.exists(path):
+            return torch.load(path, weights_only=True)
+        from .run import BETAS, EPS, WEIGHT_DECAY, lr_factor
+
+        pretrain = TinyGPTLM()
+        model = pretrain.build(seed)
+        opt = torch.optim.AdamW(model.parameters(), lr=PRETRAIN_LR, betas=BETAS, eps=EPS,
+                                weight_decay=WEIGHT_DECAY)
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, PRETRAIN_STEPS))
+        gen = torch.Generator().manual_seed(7919 * seed + 1)
+        for _ in range(PRETRAIN_STEPS):
+            opt.zero_grad(set_to_none=True)
+            pretrain.loss(model, gen).backward()
+            opt.step()
+            schedule.step()
+        state = {"model": model.state_dict(), "adamw": opt.state_dict(),
+                 "val_loss": pretrain.evaluate(model)["val_loss"]}
+        os.makedirs(CACHE_DIR, exist_ok=True)
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        return state
+
+    def build(self, seed):
+        model = super().build(seed)
+        model.load_state_dict(self._pretrained(seed)["model"])
+        return model
+
+    def adamw_state(self, seed):
+        return self._pretrained(seed)["adamw"]
+
+    def start_step(self, seed):
+        return PRETRAIN_STEPS
+
+
+TASKS = {"lm": TinyGPTLM, "gpt2": GPT2LM, "digits": Digits, "ft": FineTuneLM}

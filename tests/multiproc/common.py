@@ -86,7 +86,7 @@ def switch_arg(kind):
     # Threshold read off a single-process run's Z history: the 10-step window mean is 1.13e-5,
     # 1.02e-5 and 9.6e-6 at steps 10, 11 and 12, so it switches at step 12 with margins of 2-4%,
     # far above reduction-order noise (~1e-7 relative).
-    return sk.AutoSwitch(threshold=AUTO_THRESHOLD)
+    return sk.AutoSwitch(threshold=AUTO_THRESHOLD, rule="absolute")
 
 
 AUTO_THRESHOLD = 9.8e-6

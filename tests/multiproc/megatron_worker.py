@@ -107,7 +107,7 @@ def run_train(tp, dtype_name, out):
         opt_config = OptimizerConfig(optimizer="adam", lr=1e-2, adam_beta1=common.BETAS[0], adam_beta2=common.BETAS[1],
                                      weight_decay=0.01, clip_grad=0.0, bf16=dtype == torch.bfloat16,
                                      params_dtype=dtype)
-        switch = common.SWITCH if kind == "fixed" else sk.AutoSwitch(threshold=AUTO_THRESHOLD)
+        switch = common.SWITCH if kind == "fixed" else sk.AutoSwitch(threshold=AUTO_THRESHOLD, rule="absolute")
         opt = get_step_optimizer(opt_config, [model], "2:4", switch=switch, backend="reference")
         for step in range(common.STEPS):
             opt.zero_grad()
@@ -234,7 +234,7 @@ def run_distopt(dtype_name, device="cpu"):
                                      adam_beta2=common.BETAS[1], weight_decay=0.01, clip_grad=0.0,
                                      bf16=dtype == torch.bfloat16, params_dtype=dtype,
                                      use_distributed_optimizer=distributed)
-        switch = common.SWITCH if kind == "fixed" else sk.AutoSwitch(threshold=DISTOPT_THRESHOLD)
+        switch = common.SWITCH if kind == "fixed" else sk.AutoSwitch(threshold=DISTOPT_THRESHOLD, rule="absolute")
         # On a GPU the shards run through the Triton kernels (the same backend in both runs).
         backend = "auto" if device == "cuda" else "reference"
         return ddp, get_step_optimizer(opt_config, [ddp], "2:4", switch=switch, backend=backend)

@@ -1,0 +1,62 @@
+"""AutoSwitch and the loss scale: Adam's update does not change when the loss is multiplied by a
+constant, and neither may the default switch decision (DESIGN.md section 4).
+
+The same fp32 regression run is trained with the loss multiplied by 1e-4, 1 and 1e4: the default
+("relative") rule switches at exactly the same step at every scale, on every CPU backend; the
+reimplementation's "absolute" rule, shown for contrast, switches as soon as its window is full at
+1e-4 and only at T_max at 1e4.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import step_kernels as sk
+
+SCALES = (1e-4, 1.0, 1e4)
+STEPS = 400
+BACKENDS = ("reference", "cpu")
+BETAS = (0.9, 0.99)  # a 100-step window, so a 400-step run can switch on the rule
+
+
+def switch_step(backend: str, rule: str, scale: float) -> tuple:
+    """(switch step, Z history) of a 2-layer regression trained with the loss times ``scale``."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 16, generator=gen)
+    y = torch.tanh(x @ torch.randn(16, 8, generator=gen))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 8))
+    opt = sk.STEP(sk.sparse_param_groups(model, "2:4", exclude=[]), lr=1e-2, betas=BETAS,
+                  switch=sk.AutoSwitch(max_step=STEPS, rule=rule), backend=backend)
+    for step in range(STEPS):
+        batch = torch.randint(0, 64, (16,), generator=gen)
+        loss = nn.functional.mse_loss(model(x[batch]), y[batch]) * scale
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if opt.phase == "sparse":
+            break
+    return opt.switch_step, opt.stats()["z_history"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_relative_rule_switches_at_the_same_step_at_every_loss_scale(backend):
+    runs = {scale: switch_step(backend, "relative", scale) for scale in SCALES}
+    steps = {scale: run[0] for scale, run in runs.items()}
+    window = sk.reference.autoswitch_window(BETAS[1])
+    assert window < steps[1.0] < STEPS, steps  # the rule decided, not the window fill or T_max
+    assert len(set(steps.values())) == 1, steps
+    # The statistic itself is scale-free; the runs drift apart only through Adam's eps (1e-8 is
+    # not negligible next to sqrt(v) ~ 1e-5 at scale 1e-4), by under 1% over the run here.
+    for scale in (1e-4, 1e4):
+        assert runs[scale][1] == pytest.approx(runs[1.0][1], rel=1e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_absolute_rule_depends_on_the_loss_scale(backend):
+    steps = {scale: switch_step(backend, "absolute", scale)[0] for scale in SCALES}
+    window = sk.reference.autoswitch_window(BETAS[1])
+    assert steps[1e-4] == window  # tiny gradients: below 1e-8 as soon as the window is full
+    assert steps[1e4] == STEPS  # large gradients: never below it, T_max decides
