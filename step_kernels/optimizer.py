@@ -11,6 +11,7 @@ in the model dtype once masked, so autograd yields the straight-through gradient
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -57,7 +58,9 @@ class AutoSwitch:
     The switch happens at the end of step t when the window of the last
     ``round(1 / (1 - beta2))`` values is full, ``t >= min_step`` and its mean is ``<= threshold``;
     or when ``t >= max_step``. ``min_step``/``max_step`` default to 10% and 50% of the
-    optimizer's ``total_steps``. The history of Z is ``opt.stats()["z_history"]``.
+    optimizer's ``total_steps``. The history of Z is ``opt.stats()["z_history"]``. A NaN gradient
+    stepped without a GradScaler makes v NaN for good: every later Z is NaN, no window decides,
+    only ``max_step`` switches, and the optimizer warns once (``RuntimeWarning``).
     """
 
     DEFAULT_THRESHOLDS = {"relative": 2.0, "absolute": 1e-8}
@@ -464,7 +467,12 @@ class STEP(torch.optim.Optimizer):
         history = self._globals["z_history"]
         beta2 = next((g["betas"][1] for g in self.param_groups if self._is_target(g)), self.defaults["betas"][1])
         if numel:
-            history.append(reference.autoswitch_z(abs_dv, v_sum, numel, self.switch.rule, beta2))
+            z = reference.autoswitch_z(abs_dv, v_sum, numel, self.switch.rule, beta2)
+            if math.isnan(z) and not any(math.isnan(x) for x in history):
+                warnings.warn(f"AutoSwitch: a NaN gradient reached the targets at step {t} (no GradScaler "
+                              "skipped it); their v is NaN from now on, so AutoSwitch cannot decide and only "
+                              "max_step switches", RuntimeWarning, stacklevel=3)
+            history.append(z)
         t_min, t_max = reference.autoswitch_bounds(self.switch.min_step, self.switch.max_step, self.total_steps)
         if reference.autoswitch_decide(history, t, beta2=beta2, threshold=self.switch.threshold,
                                        t_min=t_min, t_max=t_max):

@@ -284,8 +284,9 @@ def autoswitch_decide(
 
     Switch if the window is full, ``step >= T_min`` and the window mean is ``<= threshold``;
     or if ``T_max`` is set and ``step >= T_max``. A partly filled window never decides, and
-    neither does a window holding a NaN or inf sample (its mean is not ``<= threshold``): a
-    NaN gradient postpones the switch by a window at least, or to ``T_max``.
+    neither does a window holding a NaN or inf sample (its mean is not ``<= threshold``). A NaN
+    gradient stepped without a GradScaler leaves NaN in v for good, so every later sample is NaN
+    and only ``T_max`` switches.
     """
     if t_max is not None and step >= t_max:
         return True

@@ -9,6 +9,8 @@ reimplementation's "absolute" rule, shown for contrast, switches as soon as its 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -60,3 +62,31 @@ def test_absolute_rule_depends_on_the_loss_scale(backend):
     window = sk.reference.autoswitch_window(BETAS[1])
     assert steps[1e-4] == window  # tiny gradients: below 1e-8 as soon as the window is full
     assert steps[1e4] == STEPS  # large gradients: never below it, T_max decides
+
+
+def test_a_nan_gradient_leaves_only_t_max_and_poisons_like_adamw():
+    """Without a GradScaler a NaN gradient is stepped, as torch.optim.AdamW steps it: the
+    coordinate's weight becomes NaN in both, and so does its v, for good. Every later Z sample is
+    NaN, no window holding one decides, so only T_max switches; the optimizer warns once."""
+    beta2 = 0.9  # a 10-step window
+    t_max, nan_step = 30, 4
+    lin = nn.Linear(4, 4, bias=False)
+    peer = nn.Linear(4, 4, bias=False)
+    peer.load_state_dict(lin.state_dict())
+    opt = sk.STEP([{"params": [lin.weight], "sparsity": "2:4"}], lr=1e-2, betas=(0.9, beta2),
+                  switch=sk.AutoSwitch(threshold=1e6, max_step=t_max), backend="reference")  # any full window
+    adamw = torch.optim.AdamW(peer.parameters(), lr=1e-2, betas=(0.9, beta2), weight_decay=0.0)
+    with pytest.warns(RuntimeWarning, match="NaN") as caught:
+        for step in range(1, t_max + 1):
+            grad = torch.full((4, 4), 0.5)
+            if step == nan_step:
+                grad[1, 2] = float("nan")
+            lin.weight.grad, peer.weight.grad = grad.clone(), grad.clone()
+            opt.step()
+            adamw.step()
+    assert len([w for w in caught if "AutoSwitch" in str(w.message)]) == 1
+    z = opt.stats()["z_history"]
+    assert all(math.isfinite(v) for v in z[:nan_step - 1]) and all(math.isnan(v) for v in z[nan_step - 1:])
+    assert opt.switch_step == t_max
+    master = opt.state[lin.weight]["master"]
+    assert torch.equal(torch.isnan(master), torch.isnan(peer.weight)) and torch.isnan(master[1, 2])
