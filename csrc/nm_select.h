@@ -18,10 +18,14 @@
 
 namespace step_kernels {
 
-// Magnitude key with NaN mapped to +inf. Works for float and for integer types widened to int32
-// (|-128| does not fit in int8, so int8 callers pass int32).
+// Magnitude key with NaN mapped to +inf. Works for float, double and for integer types widened to
+// int32 (|-128| does not fit in int8, so int8 callers pass int32).
 STEP_HD float nm_key(float x) {
   float a = std::fabs(x);
+  return (a != a) ? INFINITY : a;
+}
+STEP_HD double nm_key(double x) {
+  double a = std::fabs(x);
   return (a != a) ? INFINITY : a;
 }
 STEP_HD int32_t nm_key(int32_t x) { return x < 0 ? -x : x; }

@@ -55,8 +55,8 @@ std::tuple<at::Tensor, at::Tensor> pack24_cuda(const at::Tensor& dense_in, bool 
 }
 
 at::Tensor unpack24_cuda(const at::Tensor& values_in, const at::Tensor& meta_in) {
+  const at::Tensor meta = check_unpack_input(values_in, meta_in);  // first: it checks both are on one device
   const c10::cuda::CUDAGuard guard(values_in.device());
-  const at::Tensor meta = check_unpack_input(values_in, meta_in);
   const at::Tensor values = aligned(values_in.contiguous(), 8);
   const int64_t rows = values.size(0), cols = 2 * values.size(1);
   at::Tensor dense = at::empty({rows, cols}, values.options());

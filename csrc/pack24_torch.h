@@ -6,12 +6,16 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <string>
 #include <tuple>
 
 #include "pack24.h"
 
 namespace step_kernels {
 namespace pack24 {
+
+// The dtype as Python prints it ("torch.float16"), so these messages equal the fake kernels' (packing.py).
+inline std::string dtype_name(at::ScalarType dtype) { return "torch." + std::string(c10::getDtypeNames(dtype).first); }
 
 // Calls f(T{}) with the pack24 traits of `dtype`; a TypeError for any other dtype.
 template <class F>
@@ -21,18 +25,19 @@ auto dispatch_dtype(at::ScalarType dtype, const char* op, const char* arg, F&& f
     case at::kBFloat16: return f(BFloat16{});
     case at::kChar: return f(Int8{});
     default:
-      TORCH_CHECK_TYPE(false, op, ": ", arg, " must be float16, bfloat16 or int8, got ", dtype);
+      TORCH_CHECK_TYPE(false, op, ": ", arg, " must be float16, bfloat16 or int8, got ", dtype_name(dtype));
   }
   __builtin_unreachable();
 }
 
 inline at::ScalarType meta_dtype(at::ScalarType dtype) { return dtype == at::kChar ? at::kInt : at::kShort; }
 
-// Rows and dense columns `cols` must be positive multiples of the sparse GEMM's tile.
+// Rows and dense columns `cols` must be positive multiples of the sparse GEMM's tile; `what` ends the
+// message with the shape at fault.
 template <class T>
-void check_shape(const char* op, const char* what, int64_t rows, int64_t cols, at::ScalarType dtype) {
+void check_shape(const char* op, const std::string& what, int64_t rows, int64_t cols, at::ScalarType dtype) {
   TORCH_CHECK_VALUE(rows > 0 && rows % Limits<T>::kRowMultiple == 0 && cols > 0 && cols % Limits<T>::kColMultiple == 0,
-                    op, ": a ", dtype, " matrix needs rows a positive multiple of ", Limits<T>::kRowMultiple,
+                    op, ": a ", dtype_name(dtype), " matrix needs rows a positive multiple of ", Limits<T>::kRowMultiple,
                     " and columns a positive multiple of ", Limits<T>::kColMultiple,
                     " (the minimum tile of the 2:4 sparse GEMM); ", what, "; nothing is padded");
 }
@@ -43,7 +48,8 @@ inline at::Tensor check_pack_input(const at::Tensor& dense) {
     using T = decltype(t);
     TORCH_CHECK_VALUE(dense.dim() == 2, "pack24: dense must be a 2-D matrix [rows, cols], got a ", dense.dim(),
                       "-D tensor of shape ", dense.sizes());
-    check_shape<T>("pack24", "got dense of shape", dense.size(0), dense.size(1), dense.scalar_type());
+    check_shape<T>("pack24", c10::str("got dense of shape ", dense.sizes()), dense.size(0), dense.size(1),
+                   dense.scalar_type());
     return 0;
   });
   return dense.contiguous();
@@ -64,12 +70,13 @@ inline at::Tensor check_unpack_input(const at::Tensor& values, const at::Tensor&
     TORCH_CHECK_VALUE(values.dim() == 2, "unpack24: values must be a 2-D matrix [rows, cols/2], got a ",
                       values.dim(), "-D tensor of shape ", values.sizes());
     TORCH_CHECK_TYPE(meta.scalar_type() == meta_dtype(values.scalar_type()), "unpack24: meta must be ",
-                     meta_dtype(values.scalar_type()), " for ", values.scalar_type(), " values, got ",
-                     meta.scalar_type());
+                     dtype_name(meta_dtype(values.scalar_type())), " for ", dtype_name(values.scalar_type()),
+                     " values, got ", dtype_name(meta.scalar_type()));
     TORCH_CHECK_VALUE(meta.device() == values.device(), "unpack24: meta is on ", meta.device(),
                       " but values are on ", values.device());
     const int64_t rows = values.size(0), cols = 2 * values.size(1);
-    check_shape<T>("unpack24", "values of shape [rows, cols/2] give a dense shape", rows, cols, values.scalar_type());
+    check_shape<T>("unpack24", c10::str("values of shape ", values.sizes(), " give a dense shape [", rows, ", ", cols, "]"),
+                   rows, cols, values.scalar_type());
     const int64_t meta_cols = cols / (4 * Meta<T>::kGroups);
     TORCH_CHECK_VALUE(meta.dim() == 2 && meta.size(0) == rows && meta.size(1) == meta_cols,
                       "unpack24: values of shape ", values.sizes(), " need meta of shape [", rows, ", ",

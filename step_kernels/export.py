@@ -17,7 +17,7 @@ weight (stored ``[in, out]``) is packed as ``W.t()``. Masks with at most 2 kept 
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +36,7 @@ __all__ = [
 
 FORMAT = "step_kernels.packed24"
 FORMAT_VERSION = 1
+_ENTRY_KEYS = {"values", "meta", "shape", "transposed"}
 
 
 def _from_packed(values: Tensor, meta: Tensor, shape: Tuple[int, int]) -> Tensor:
@@ -72,8 +73,15 @@ def to_sparse_semi_structured(weight: Tensor, prune: bool = False) -> Tensor:
     return _from_packed(values, meta, tuple(weight.shape))
 
 
-def _targets(model: nn.Module, targets: Optional[Sequence[Target]]) -> Sequence[Target]:
-    return find_targets(model) if targets is None else targets
+def _targets(model: nn.Module, targets: Optional[Sequence[Target]]) -> List[Target]:
+    """``targets`` (default: ``find_targets(model)``) as a list; a target listed twice is a ``ValueError``."""
+    targets = find_targets(model) if targets is None else list(targets)
+    seen = set()
+    for t in targets:
+        if t.name in seen:
+            raise ValueError(f"{t.name}: listed twice in targets")
+        seen.add(t.name)
+    return targets
 
 
 def _pack_target(t: Target, prune: bool) -> Tuple[Tensor, Tensor]:
@@ -92,10 +100,11 @@ def _pack_target(t: Target, prune: bool) -> Tuple[Tensor, Tensor]:
         raise ValueError(f"{t.name}{' (Conv1D, packed as W.t())' if t.group_dim == 0 else ''}: {exc}") from exc
 
 
-def _set_packed_weight(module: nn.Module, values: Tensor, meta: Tensor, transposed: bool) -> None:
+def _packed_parameter(values: Tensor, meta: Tensor, transposed: bool) -> nn.Parameter:
+    """The inference weight of ``(values, meta)``: a frozen parameter holding the packed tensor."""
     rows = values.shape[0]
     sparse = _from_packed(values, meta, (rows, 2 * values.shape[1]))
-    module.weight = nn.Parameter(sparse.t() if transposed else sparse, requires_grad=False)
+    return nn.Parameter(sparse.t() if transposed else sparse, requires_grad=False)
 
 
 def pack_model(model: nn.Module, targets: Optional[Sequence[Target]] = None, *, prune: bool = False) -> nn.Module:
@@ -104,10 +113,17 @@ def pack_model(model: nn.Module, targets: Optional[Sequence[Target]] = None, *, 
     ``targets`` defaults to :func:`~step_kernels.targets.find_targets` ``(model)``. The packed
     weights do not require grad (inference only). A ``Conv1D`` weight becomes the transpose of the
     packed ``W.t()``, which torch's sparse ``addmm`` consumes as is.
+
+    All or nothing: every target is packed first, so an error (naming the target) leaves every
+    module as it was; only then are the weights swapped.
     """
-    for t in list(_targets(model, targets)):
+    targets = _targets(model, targets)
+    weights = []
+    for t in targets:
         values, meta = _pack_target(t, prune)
-        _set_packed_weight(t.module, values, meta, transposed=t.group_dim == 0)
+        weights.append(_packed_parameter(values, meta, transposed=t.group_dim == 0))
+    for t, weight in zip(targets, weights):
+        t.module.weight = weight
     return model
 
 
@@ -131,29 +147,95 @@ def packed_state_dict(model: nn.Module, targets: Optional[Sequence[Target]] = No
     return {"format": FORMAT, "version": FORMAT_VERSION, "dense": state, "packed": packed}
 
 
+def _check_checkpoint(checkpoint: dict) -> None:
+    """The layout of a :func:`packed_state_dict` checkpoint; errors name the entry at fault."""
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        raise ValueError(f"checkpoint: not a {FORMAT!r} checkpoint (make it with packed_state_dict)")
+    version = checkpoint.get("version", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"checkpoint: version {version!r} is newer than this reader ({FORMAT_VERSION})")
+    for key in ("dense", "packed"):
+        if not isinstance(checkpoint.get(key), dict):
+            raise ValueError(f"checkpoint[{key!r}]: must be a dict, got {type(checkpoint.get(key)).__name__}")
+    for name, entry in checkpoint["packed"].items():
+        if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
+            keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+            raise ValueError(f"{name}: a packed entry has the keys {sorted(_ENTRY_KEYS)}, got {keys}")
+        for key in ("values", "meta"):
+            if not isinstance(entry[key], Tensor):
+                raise ValueError(f"{name}: {key} must be a tensor, got {type(entry[key]).__name__}")
+
+
+def _unpack_entry(name: str, entry: dict) -> Tensor:
+    """The dense weight of one packed entry, checked against its stored shape; errors name the entry."""
+    try:
+        dense = unpack24(entry["values"], entry["meta"])
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{name}: {exc}") from exc
+    if entry["transposed"]:
+        dense = dense.t()
+    if tuple(dense.shape) != tuple(entry["shape"]):
+        raise ValueError(f"{name}: packed values unpack to {tuple(dense.shape)}, the checkpoint says {tuple(entry['shape'])}")
+    return dense
+
+
+def _check_loadable(model: nn.Module, state: dict, strict: bool) -> None:
+    """What ``model.load_state_dict(state, strict)`` checks (keys, shapes), before anything is copied:
+    torch's load copies every entry it can and raises only at the end."""
+    own = model.state_dict(keep_vars=True)
+    if strict:
+        missing = [key for key in own if key not in state]
+        unexpected = [key for key in state if key not in own]
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint: strict=True and the keys differ from the model's: missing {missing}, unexpected {unexpected}"
+            )
+    for key, value in state.items():
+        target = own.get(key)
+        if not isinstance(target, Tensor) or torch.nn.parameter.is_lazy(target):
+            continue
+        if isinstance(target, torch.sparse.SparseSemiStructuredTensor):
+            raise ValueError(f"{key}: the model's weight is packed already; load into a dense model")
+        if not isinstance(value, Tensor):
+            raise ValueError(f"{key}: the checkpoint holds a {type(value).__name__}, the model a tensor")
+        if value.shape != target.shape:
+            raise ValueError(f"{key}: the checkpoint's shape {tuple(value.shape)} differs from the model's {tuple(target.shape)}")
+
+
+def _packed_swaps(model: nn.Module, packed: dict) -> List[Tuple[nn.Module, str, nn.Parameter]]:
+    """``(module, attribute, packed weight)`` for every packed entry; errors name the entry."""
+    swaps = []
+    for name, entry in packed.items():
+        module_name, _, attribute = name.rpartition(".")
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError as exc:
+            raise ValueError(f"{name}: the model has no module {module_name!r} to swap the packed weight into") from exc
+        weight = dict(module.named_parameters(recurse=False)).get(attribute)
+        if weight is None:
+            raise ValueError(f"{name}: module {module_name!r} has no parameter {attribute!r}")
+        values, meta = entry["values"].to(weight.device), entry["meta"].to(weight.device)
+        swaps.append((module, attribute, _packed_parameter(values, meta, entry["transposed"])))
+    return swaps
+
+
 def load_packed_state_dict(model: nn.Module, checkpoint: dict, *, packed: bool = False, strict: bool = True) -> nn.Module:
     """Load a :func:`packed_state_dict` checkpoint into ``model``; returns ``model``.
 
     ``packed=False`` restores every target as a dense weight (bit-identical to the one packed);
     ``packed=True`` then swaps the targets for their packed form as :func:`pack_model` does, from
     the stored values and meta. ``strict`` is passed to ``load_state_dict``.
+
+    All or nothing: the checkpoint's layout, every packed entry, the keys (``strict``) and shapes
+    against the model, and with ``packed=True`` every module to swap are checked before the model
+    changes; an error names the entry at fault and leaves the model as it was.
     """
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
-        raise ValueError(f"checkpoint: not a {FORMAT!r} checkpoint (make it with packed_state_dict)")
-    if checkpoint.get("version", 0) > FORMAT_VERSION:
-        raise ValueError(f"checkpoint: version {checkpoint['version']} is newer than this reader ({FORMAT_VERSION})")
-    weights = {}
-    for name, entry in checkpoint["packed"].items():
-        dense = unpack24(entry["values"], entry["meta"])
-        if entry["transposed"]:
-            dense = dense.t()
-        if tuple(dense.shape) != tuple(entry["shape"]):
-            raise ValueError(f"{name}: packed values unpack to {tuple(dense.shape)}, the checkpoint says {tuple(entry['shape'])}")
-        weights[name] = dense
-    model.load_state_dict({**checkpoint["dense"], **weights}, strict=strict)
-    if packed:
-        for name, entry in checkpoint["packed"].items():
-            module = model.get_submodule(name.rpartition(".")[0])
-            device = module.weight.device
-            _set_packed_weight(module, entry["values"].to(device), entry["meta"].to(device), entry["transposed"])
+    _check_checkpoint(checkpoint)
+    weights = {name: _unpack_entry(name, entry) for name, entry in checkpoint["packed"].items()}
+    state = {**checkpoint["dense"], **weights}
+    _check_loadable(model, state, strict)
+    swaps = _packed_swaps(model, checkpoint["packed"]) if packed else []
+    model.load_state_dict(state, strict=strict)
+    for module, attribute, weight in swaps:
+        setattr(module, attribute, weight)
     return model

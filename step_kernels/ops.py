@@ -154,11 +154,50 @@ def fused_step(
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+# The dtypes each compiled backend of nm_prune takes; the reference takes any.
+NM_PRUNE_DTYPES = {
+    "triton": (torch.float32, torch.bfloat16, torch.float16),
+    "cpu": (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int8),
+}
+
+
+def _nm_prune_backend(backend: str, w: Tensor) -> str:
+    """The backend that prunes ``w``: ``"auto"`` takes the fastest one that runs here, takes
+    ``w``'s dtype and, when ``w`` needs a gradient, tracks it (only the reference does); an
+    explicit one must run here and take the dtype, or raises (it never falls back)."""
+    if backend == "auto" and w.requires_grad and torch.is_grad_enabled():
+        return "reference"
+    resolved = resolve_backend(backend, w.device)
+    if resolved == "reference" or w.dtype in NM_PRUNE_DTYPES[resolved]:
+        return resolved
+    if backend == "auto":
+        return "reference"
+    raise TypeError(
+        f"w: backend {backend!r} prunes {', '.join(str(d) for d in NM_PRUNE_DTYPES[resolved])} tensors, got "
+        f"{w.dtype}; backend='reference' takes any dtype"
+    )
+
+
 def nm_prune(w: Tensor, n: int, m: int, dim: int = -1, backend: str = "auto") -> Tuple[Tensor, Tensor]:
-    """``(masked w, mask)``: keep the ``n`` largest ``|w|`` of every ``m`` along ``dim``."""
-    backend = resolve_backend(backend, w.device)
+    """``(masked w, mask)``: keep the ``n`` largest ``|w|`` of every ``m`` along ``dim``.
+
+    Every backend gives the bits of :func:`step_kernels.reference.nm_prune` (DESIGN.md section 3)
+    for any layout of ``w``, and checks the arguments the same way first
+    (:func:`~step_kernels.reference.check_nm_args`: a ``ValueError`` naming ``n``, ``m``, ``dim``
+    or ``w``). ``"cpu"`` is the C++ kernel (float32, bfloat16, float16, float64, int8), ``"triton"``
+    the Triton one (float32, bfloat16, float16); another dtype is a ``TypeError`` there, and
+    ``"auto"`` then uses the reference, as it does for a ``w`` that requires grad (with grad
+    enabled): the results of ``"cpu"`` and ``"triton"`` do not track gradients.
+    """
+    dim = reference.check_nm_args(w, n, m, dim, "w")
+    backend = _nm_prune_backend(backend, w)
     if backend == "triton":
         from .triton_kernels.nm_prune import nm_prune as triton_nm_prune
 
-        return triton_nm_prune(w, n, m, dim)
+        return triton_nm_prune(w.detach().contiguous(), n, m, dim)
+    if backend == "cpu":
+        from . import _extension
+
+        out, mask = _extension.require("nm_prune")(w.detach(), n, m, dim)
+        return out, mask
     return reference.nm_prune(w, n, m, dim)

@@ -74,16 +74,37 @@ def unpack24(values: Tensor, meta: Tensor) -> Tensor:
     return _op("unpack24", values)(values, meta)
 
 
-def _check_fake_input(op: str, arg: str, t: Tensor) -> None:
+# The checks of csrc/pack24_torch.h, with the same messages, for the fake (meta) kernels: a traced or
+# meta-device call fails where an eager one would, and never returns an unchecked empty tensor.
+_ROW_MULTIPLE = {torch.float16: 32, torch.bfloat16: 32, torch.int8: 16}
+_COL_MULTIPLE = {torch.float16: 64, torch.bfloat16: 64, torch.int8: 128}
+
+
+def _shape(t: Tensor) -> str:
+    """A shape as the C++ checks print it: ``[rows, cols]``."""
+    return "[" + ", ".join(str(size) for size in t.shape) + "]"
+
+
+def _check_matrix(op: str, arg: str, t: Tensor, layout: str) -> None:
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{op}: {arg} must be float16, bfloat16 or int8, got {t.dtype}")
     if t.dim() != 2:
-        raise ValueError(f"{op}: {arg} must be a 2-D matrix, got a {t.dim()}-D tensor of shape {tuple(t.shape)}")
+        raise ValueError(f"{op}: {arg} must be a 2-D matrix {layout}, got a {t.dim()}-D tensor of shape {_shape(t)}")
+
+
+def _check_tile(op: str, what: str, rows: int, cols: int, dtype: torch.dtype) -> None:
+    row_multiple, col_multiple = _ROW_MULTIPLE[dtype], _COL_MULTIPLE[dtype]
+    if not (rows > 0 and rows % row_multiple == 0 and cols > 0 and cols % col_multiple == 0):
+        raise ValueError(
+            f"{op}: a {dtype} matrix needs rows a positive multiple of {row_multiple} and columns a positive "
+            f"multiple of {col_multiple} (the minimum tile of the 2:4 sparse GEMM); {what}; nothing is padded"
+        )
 
 
 def _pack24_fake(dense: Tensor, prune: bool = False) -> Tuple[Tensor, Tensor]:
-    _check_fake_input("pack24", "dense", dense)
+    _check_matrix("pack24", "dense", dense, "[rows, cols]")
     rows, cols = dense.shape
+    _check_tile("pack24", f"got dense of shape {_shape(dense)}", rows, cols, dense.dtype)
     return (
         dense.new_empty((rows, cols // 2)),
         dense.new_empty((rows, cols // _columns_per_meta(dense.dtype)), dtype=meta_dtype(dense.dtype)),
@@ -91,10 +112,21 @@ def _pack24_fake(dense: Tensor, prune: bool = False) -> Tuple[Tensor, Tensor]:
 
 
 def _unpack24_fake(values: Tensor, meta: Tensor) -> Tensor:
-    _check_fake_input("unpack24", "values", values)
+    _check_matrix("unpack24", "values", values, "[rows, cols/2]")
     if meta.dtype != meta_dtype(values.dtype):
         raise TypeError(f"unpack24: meta must be {meta_dtype(values.dtype)} for {values.dtype} values, got {meta.dtype}")
-    return values.new_empty((values.shape[0], 2 * values.shape[1]))
+    if meta.device != values.device:
+        raise ValueError(f"unpack24: meta is on {meta.device} but values are on {values.device}")
+    rows, cols = values.shape[0], 2 * values.shape[1]
+    _check_tile("unpack24", f"values of shape {_shape(values)} give a dense shape [{rows}, {cols}]", rows, cols,
+                values.dtype)
+    meta_cols = cols // _columns_per_meta(values.dtype)
+    if meta.dim() != 2 or tuple(meta.shape) != (rows, meta_cols):
+        raise ValueError(
+            f"unpack24: values of shape {_shape(values)} need meta of shape [{rows}, {meta_cols}], "
+            f"got meta of shape {_shape(meta)}"
+        )
+    return values.new_empty((rows, cols))
 
 
 @functools.lru_cache(maxsize=None)

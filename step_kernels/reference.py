@@ -50,6 +50,7 @@ __all__ = [
     "StepScalars",
     "step_scalars",
     "parse_sparsity",
+    "check_nm_args",
     "nm_mask",
     "nm_prune",
     "srste_grad",
@@ -124,10 +125,25 @@ def step_scalars(
     )
 
 
-def _check_group_dim(w: Tensor, m: int, dim: int, name: str) -> int:
+def check_nm_args(w: Tensor, n: int, m: int, dim: int = -1, name: str = "w") -> int:
+    """Check the arguments of an N:M selection; return ``dim`` in ``[0, w.dim())``.
+
+    The one validation of every backend of ``nm_prune`` (and of :func:`nm_mask`): ``m`` a power of
+    two from 2 to 32, ``1 <= n < m`` (both ints), ``dim`` an int in range, ``w.shape[dim]``
+    divisible by ``m`` (DESIGN.md section 3). A ``ValueError`` names the argument at fault (``w``
+    as ``name``); a ``w`` that is not a tensor is a ``TypeError``.
+    """
+    if not isinstance(w, Tensor):
+        raise TypeError(f"{name}: must be a tensor, got {type(w).__name__}")
+    if isinstance(m, bool) or not isinstance(m, int) or m not in SUPPORTED_M:
+        raise ValueError(f"m: M must be a power of two from 2 to 32, got {m!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n < m:
+        raise ValueError(f"n: N must satisfy 1 <= N < M={m}, got {n!r}")
     if w.dim() == 0:
         raise ValueError(f"{name}: N:M groups need at least one dimension, got a scalar")
-    dim = dim % w.dim()
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -w.dim() <= dim < w.dim():
+        raise ValueError(f"dim: {dim!r} is out of range for {name} of shape {tuple(w.shape)}")
+    dim %= w.dim()
     if w.shape[dim] % m != 0:
         raise ValueError(
             f"{name}: size {w.shape[dim]} of dim {dim} (shape {tuple(w.shape)}) is not divisible by M={m}"
@@ -144,9 +160,9 @@ def nm_mask(w: Tensor, n: int, m: int, dim: int = -1, name: str = "weight") -> T
     The rank of entry ``i`` in its group is the number of entries that beat it: ``j`` beats ``i``
     when ``|w_j| > |w_i|``, or when they are equal and ``j < i``. Entry ``i`` is kept when its
     rank is below ``n``. This O(M^2) form is exact and order-independent, which is what makes the
-    kernels' masks bit-identical to this one.
+    kernels' masks bit-identical to this one. Arguments are checked by :func:`check_nm_args`.
     """
-    dim = _check_group_dim(w, m, dim, name)
+    dim = check_nm_args(w, n, m, dim, name)
     moved = w.movedim(dim, -1)
     key = moved.abs() if moved.is_floating_point() else moved.double().abs()  # int8: |-128| overflows
     key = torch.where(torch.isnan(key), torch.full_like(key, math.inf), key)
@@ -163,7 +179,7 @@ def nm_mask(w: Tensor, n: int, m: int, dim: int = -1, name: str = "weight") -> T
 
 def nm_prune(w: Tensor, n: int, m: int, dim: int = -1) -> Tuple[Tensor, Tensor]:
     """Return ``(masked w, mask)``: pruned entries written as +0.0, kept entries unchanged."""
-    keep = nm_mask(w, n, m, dim)
+    keep = nm_mask(w, n, m, dim, name="w")
     return torch.where(keep, w, torch.zeros((), dtype=w.dtype, device=w.device)), keep
 
 

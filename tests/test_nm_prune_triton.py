@@ -7,6 +7,7 @@ import torch
 
 from step_kernels import ops
 from step_kernels import reference as ref
+from nm_cases import same_bits, shapes_for, with_specials
 
 pytest.importorskip("triton")
 
@@ -19,27 +20,6 @@ def tdevice(device):
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         pytest.skip("CPU tensors need TRITON_INTERPRET=1")
     return device
-
-
-def with_specials(w, seed):
-    """Ties (a coarse grid), NaN, -0.0 and +-inf scattered through ``w``."""
-    gen = torch.Generator().manual_seed(seed)
-    flat = torch.round(torch.randn(w.numel(), generator=gen) * 2) / 2
-    picks = torch.randint(0, w.numel(), (max(1, w.numel() // 20),), generator=gen)
-    specials = torch.tensor([float("nan"), -0.0, float("inf"), -float("inf"), float("-nan")])
-    flat[picks] = specials[torch.arange(picks.numel()) % specials.numel()]
-    return flat.reshape(w.shape).to(w.dtype)
-
-
-def same_bits(a, b):
-    view = torch.int32 if a.dtype == torch.float32 else torch.int16
-    return torch.equal(a.view(view), b.view(view))
-
-
-def shapes_for(m):
-    # (shape, dim): last-dim groups of 1, 15 and 257 groups; first-dim (Conv1D) and middle-dim groups
-    return [((1, m), 1), ((15, m), -1), ((257 * m,), 0), ((2, 3 * m), 1), ((m, 15), 0), ((2 * m, 257), 0),
-            ((2, m, 3), 1)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

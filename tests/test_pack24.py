@@ -214,9 +214,9 @@ def test_unpack_mismatched_values_and_meta():
         unpack24(values[:32], meta)
     with pytest.raises(ValueError, match=r"need meta of shape \[64, 8\], got meta of shape \[512\]"):
         unpack24(values, meta.reshape(-1))
-    with pytest.raises(TypeError, match="meta must be Short"):
+    with pytest.raises(TypeError, match="meta must be torch.int16 for torch.float16 values, got torch.int32"):
         unpack24(values, meta.to(torch.int32))
-    with pytest.raises(TypeError, match="meta must be Int"):
+    with pytest.raises(TypeError, match="meta must be torch.int32 for torch.int8 values, got torch.int16"):
         unpack24(values.view(torch.int8)[:, :64].contiguous(), meta)
     with pytest.raises(TypeError, match="float16, bfloat16 or int8"):
         unpack24(values.float(), meta)

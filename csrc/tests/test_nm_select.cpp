@@ -1,4 +1,4 @@
-// Unit tests of the host/device N:M selection (no torch): ties, NaN, exact-N, int8 widening.
+// Unit tests of the host/device N:M selection (no torch): ties, NaN, exact-N, double keys, int8 widening.
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -34,6 +34,11 @@ int main() {
     float k[4] = {nm_key(-0.0f), nm_key(0.0f), nm_key(NAN), nm_key(INFINITY)};
     CHECK_EQ(nm_select_keys(k, 2, 4), 0b1100u);
     CHECK_EQ(nm_select_keys(k, 1, 4), 0b0100u);
+  }
+  {  // double keys: 1 + 2^-40 and 1 differ (they would tie as floats); NaN counts as +inf
+    double k[4] = {nm_key(1.0), nm_key(-(1.0 + std::ldexp(1.0, -40))), nm_key(static_cast<double>(NAN)), nm_key(0.5)};
+    CHECK_EQ(nm_select_keys(k, 2, 4), 0b0110u);
+    CHECK_EQ(nm_select_keys(k, 3, 4), 0b0111u);
   }
   {  // int8 -128 widened: the largest magnitude
     int k[4] = {nm_key(int32_t{-128}), nm_key(int32_t{127}), nm_key(int32_t{3}), nm_key(int32_t{-4})};
