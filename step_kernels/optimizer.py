@@ -678,6 +678,17 @@ class STEP(torch.optim.Optimizer):
         if value.device.type == "meta" and p.device.type != "meta":
             raise ValueError(f"{name}: state {key!r} is on the meta device (it holds no values)")
 
+    def __getstate__(self) -> Dict[str, Any]:
+        """What ``pickle`` and ``copy.deepcopy`` keep: every attribute but torch's hook registries.
+
+        torch's own ``__getstate__`` keeps only ``defaults``, ``state`` and ``param_groups``, which
+        would lose the recipe, the switch, the backend and the rest. Hooks are dropped, as torch
+        drops them: a copy starts without hooks. A deep copy of ``(model, optimizer)`` taken
+        together continues bit-identically to the original.
+        """
+        return {key: value for key, value in self.__dict__.items()
+                if not (key.startswith("_optimizer_") and key.endswith("_hooks"))}
+
     # -----------------------------------------------------------------------------------------
     # starting from a dense AdamW run
     # -----------------------------------------------------------------------------------------

@@ -2,10 +2,12 @@
 
 A bad state dict raises ``ValueError`` naming the group, parameter and key at
 fault, and leaves model and optimizer bit-identical (every load here would change them: the
-state dicts come from another run).
+state dicts come from another run). A deep copy or pickle of (model, optimizer) continues
+bit-identically to the original.
 """
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -287,3 +289,54 @@ def test_load_runs_torch_hooks_and_checks_what_the_pre_hook_returns(sources):
     opt.register_load_state_dict_post_hook(lambda optimizer: calls.append(optimizer.phase))
     opt.load_state_dict(renamed)
     assert calls == ["sparse"] and opt.step_count == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# deepcopy and pickle
+# ---------------------------------------------------------------------------------------------
+
+
+SWITCHES = {"fixed": dict(switch=3), "autoswitch": dict(switch=None, total_steps=8)}  # AutoSwitch: T_max = 4
+
+
+@pytest.mark.parametrize("switch", SWITCHES)
+@pytest.mark.parametrize("copy_at", [1, 5])  # in phase 1, in phase 2
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deepcopy_of_model_and_optimizer_continues_bit_identically(backend, copy_at, switch):
+    model, opt = trained(copy_at, backend=backend, **SWITCHES[switch])
+    copied_model, copied_opt = copy.deepcopy((model, opt))
+    for step in range(copy_at, 7):
+        train_step(model, opt, step, "cpu")
+        train_step(copied_model, copied_opt, step, "cpu")
+    assert opt.phase == "sparse" and opt.switch_step == (3 if switch == "fixed" else 4)
+    assert_same_run(snapshot(copied_model, copied_opt), snapshot(model, opt))
+    assert copied_opt.stats() == opt.stats()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pickle_round_trip_continues_bit_identically(backend):
+    model, opt = trained(2, backend=backend, switch=3)
+    opt.register_step_post_hook(lambda optimizer, args, kwargs: None)  # not picklable; dropped as torch does
+    loaded_model, loaded_opt = pickle.loads(pickle.dumps((model, opt)))
+    assert not loaded_opt._optimizer_step_post_hooks
+    for step in range(2, 6):
+        train_step(model, opt, step, "cpu")
+        train_step(loaded_model, loaded_opt, step, "cpu")
+    assert loaded_opt.phase == "sparse" and loaded_opt.backend == backend
+    assert_same_run(snapshot(loaded_model, loaded_opt), snapshot(model, opt))
+
+
+def test_deepcopy_keeps_every_public_attribute():
+    """As torch's generic optimizer tests check: the same public attributes, with equal values."""
+    model, opt = trained(1, switch=sk.AutoSwitch(min_step=3, max_step=9, threshold=1e-6), total_steps=20,
+                         precond_eps=1e-7, precond_dtype=torch.bfloat16)
+    copied = copy.deepcopy(opt)
+    public = {key for key in vars(opt) if not key.startswith("_")}
+    assert public == {key for key in vars(copied) if not key.startswith("_")}
+    assert {"recipe", "switch", "total_steps", "precond_eps", "precond_dtype", "backend"} <= public
+    for key in public - {"state", "param_groups", "switch", "defaults"}:
+        assert getattr(copied, key) == getattr(opt, key), key
+    # torch's __setstate__ adds defaults["differentiable"] = False to every unpickled optimizer
+    assert {k: v for k, v in copied.defaults.items() if k != "differentiable"} == opt.defaults
+    assert repr(copied.switch) == repr(opt.switch) and copied.switch is not opt.switch
+    assert copied._requested_backend == opt._requested_backend
