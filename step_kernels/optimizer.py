@@ -702,37 +702,80 @@ class STEP(torch.optim.Optimizer):
         ``adamw_state_dict`` is ``AdamW.state_dict()`` of an optimizer built over
         ``model.parameters()`` (in that order). Its ``exp_avg``, ``exp_avg_sq`` and step count
         become STEP's ``m``, ``v`` and ``t``; the phase-1 clock and AutoSwitch start from there.
-        Other keyword arguments go to :class:`STEP` (``lr`` defaults to the AdamW run's).
+        Other keyword arguments go to :class:`STEP`; ``lr``, ``betas`` and ``eps`` default to the
+        AdamW run's. ``weight_decay`` does not: it is STEP's default, 0.0, unless given (DESIGN.md
+        section 4). The AdamW state is checked before anything is built: a state that does not
+        fit the model (parameter count, shapes, dtypes, missing moments, step counts that differ
+        between parameters, amsgrad or maximize) raises ``ValueError`` naming the parameter, and
+        the model is left as it was.
         """
         from .targets import sparse_param_groups
 
-        saved_groups = adamw_state_dict["param_groups"]
-        saved_ids = [i for g in saved_groups for i in g["params"]]
         named = list(model.named_parameters())
-        if len(saved_ids) != len(named):
-            raise ValueError(f"adamw_state_dict covers {len(saved_ids)} params, the model has {len(named)} "
-                             "(it must come from AdamW(model.parameters()))")
+        step = cls._check_adamw_state(adamw_state_dict, named, kwargs)
         for key in ("lr", "betas", "eps"):
-            kwargs.setdefault(key, saved_groups[0][key])
+            kwargs.setdefault(key, adamw_state_dict["param_groups"][0][key])
         groups = sparse_param_groups(model, sparsity, include=include, exclude=exclude,
                                      weight_decay=weight_decay, overrides=overrides)
         opt = cls(groups, **kwargs)
-        steps = set()
+        saved_ids = [i for g in adamw_state_dict["param_groups"] for i in g["params"]]
         with torch.no_grad():
-            for (name, p), pid in zip(named, saved_ids):
+            for (_, p), pid in zip(named, saved_ids):
                 entry = adamw_state_dict["state"].get(pid)
                 if not entry:
                     continue
-                for key in ("exp_avg", "exp_avg_sq"):
-                    if tuple(entry[key].shape) != tuple(p.shape):
-                        raise ValueError(f"{name}: AdamW {key} has shape {tuple(entry[key].shape)}, "
-                                         f"param has {tuple(p.shape)}")
                 state = opt.state[p]
                 state["exp_avg"].copy_(entry["exp_avg"])
                 if "exp_avg_sq" in state:
                     state["exp_avg_sq"].copy_(entry["exp_avg_sq"])
-                steps.add(int(entry["step"].item() if isinstance(entry["step"], Tensor) else entry["step"]))
-        if len(steps) > 1:
-            raise ValueError(f"adamw_state_dict has different step counts per parameter: {sorted(steps)}")
-        opt._set_global("step", steps.pop() if steps else 0)
+        opt._set_global("step", step)
         return opt
+
+    @staticmethod
+    def _check_adamw_state(adamw_state_dict: Any, named: List[Tuple[str, Tensor]], kwargs: Dict[str, Any]) -> int:
+        """Raise ``ValueError`` unless ``adamw_state_dict`` is an AdamW state of the parameters
+        ``named`` that STEP can continue; return its step count (0 when it holds no state)."""
+        if not isinstance(adamw_state_dict, Mapping) or not all(
+                isinstance(adamw_state_dict.get(key), kind) for key, kind in (("state", Mapping),
+                                                                              ("param_groups", (list, tuple)))):
+            raise ValueError("adamw_state_dict must be AdamW.state_dict(): a dict with 'state' and 'param_groups'")
+        saved_groups = adamw_state_dict["param_groups"]
+        saved_ids = [i for g in saved_groups for i in g["params"]]
+        if len(saved_ids) != len(named):
+            raise ValueError(f"adamw_state_dict covers {len(saved_ids)} params, the model has {len(named)} "
+                             "(it must come from AdamW(model.parameters()))")
+        for key in ("lr", "betas", "eps"):
+            if key not in kwargs and key not in saved_groups[0]:
+                raise ValueError(f"adamw_state_dict: param_groups[0] has no {key!r}; pass {key}=")
+        for gi, group in enumerate(saved_groups):
+            for flag in ("amsgrad", "maximize"):
+                if group.get(flag):
+                    raise ValueError(f"adamw_state_dict: param_groups[{gi}] has {flag}=True, which STEP cannot "
+                                     "continue")
+        steps: Dict[int, str] = {}
+        for (name, p), pid in zip(named, saved_ids):
+            entry = adamw_state_dict["state"].get(pid)
+            if not entry:
+                continue
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                if key not in entry:
+                    raise ValueError(f"{name}: AdamW state has no {key!r}")
+            for key in ("exp_avg", "exp_avg_sq"):
+                value = entry[key]
+                if not isinstance(value, Tensor) or value.dtype not in PARAM_DTYPES:
+                    raise ValueError(f"{name}: AdamW {key} must be a tensor of dtype {PARAM_DTYPES}, got "
+                                     f"{getattr(value, 'dtype', type(value).__name__)}")
+                if tuple(value.shape) != tuple(p.shape):
+                    raise ValueError(f"{name}: AdamW {key} has shape {tuple(value.shape)}, "
+                                     f"param has {tuple(p.shape)}")
+            step = entry["step"]
+            if isinstance(step, Tensor) and step.numel() == 1:
+                step = step.item()
+            if (isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) or step < 0
+                    or step != int(step)):
+                raise ValueError(f"{name}: AdamW step must be a whole number >= 0, got {entry['step']!r}")
+            steps.setdefault(int(step), name)
+        if len(steps) > 1:
+            detail = ", ".join(f"{name} has {count}" for count, name in sorted(steps.items()))
+            raise ValueError(f"adamw_state_dict has different step counts per parameter: {detail}")
+        return next(iter(steps), 0)

@@ -1,6 +1,6 @@
 """All or nothing for checkpoints and copies (issue 12, items 3 and 4).
 
-A bad state dict raises ``ValueError`` naming the group, parameter and key at
+A bad state dict or AdamW state raises ``ValueError`` naming the group, parameter and key at
 fault, and leaves model and optimizer bit-identical (every load here would change them: the
 state dicts come from another run). A deep copy or pickle of (model, optimizer) continues
 bit-identically to the original.
@@ -340,3 +340,99 @@ def test_deepcopy_keeps_every_public_attribute():
     assert {k: v for k, v in copied.defaults.items() if k != "differentiable"} == opt.defaults
     assert repr(copied.switch) == repr(opt.switch) and copied.switch is not opt.switch
     assert copied._requested_backend == opt._requested_backend
+
+
+# ---------------------------------------------------------------------------------------------
+# from_adamw
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def adamw_state():
+    """AdamW.state_dict() after 3 steps over tiny_gpt's parameters."""
+    model = tiny_gpt(seed=3)
+    adamw = torch.optim.AdamW(model.parameters(), lr=2e-3, foreach=False)
+    for step in range(3):
+        train_step(model, adamw, step, "cpu")
+    return copy.deepcopy(adamw.state_dict())
+
+
+def set_adamw(pid, key, value):
+    def mutate(sd):
+        sd["state"][pid][key] = value(sd["state"][pid][key]) if callable(value) else value
+        return sd
+    return mutate
+
+
+def every_step(value):
+    def mutate(sd):
+        for state in sd["state"].values():
+            state["step"] = torch.tensor(value)
+        return sd
+    return mutate
+
+
+def other_model_state(sd):
+    """The AdamW state of a model with as many parameters of other shapes (d_model 48)."""
+    from step_kernels.models import TinyGPT
+
+    other = TinyGPT(vocab=64, ctx=16, d_model=48, n_layer=1, n_head=2)
+    adamw = torch.optim.AdamW(other.parameters())
+    train_step(other, adamw, 0, "cpu")
+    return adamw.state_dict()
+
+
+def drop_adamw(pid, key):
+    def mutate(sd):
+        del sd["state"][pid][key]
+        return sd
+    return mutate
+
+
+LAST = 15  # ln_f.bias, the last of tiny_gpt's 16 parameters
+BAD_ADAMW = [
+    ("not_a_dict", lambda sd: [sd], r"adamw_state_dict must be AdamW\.state_dict\(\)"),
+    ("no_param_groups", lambda sd: {"state": sd["state"]}, r"adamw_state_dict must be AdamW\.state_dict\(\)"),
+    ("fewer_params", lambda sd: dict(sd, param_groups=[dict(sd["param_groups"][0],
+                                                             params=sd["param_groups"][0]["params"][:-1])]),
+     r"adamw_state_dict covers 15 params, the model has 16"),
+    ("params_of_another_model", other_model_state, r"pos: AdamW exp_avg has shape \(16, 48\), param has \(16, 32\)"),
+    ("last_wrong_shape", set_adamw(LAST, "exp_avg_sq", lambda t: t[:3]),
+     r"ln_f\.bias: AdamW exp_avg_sq has shape \(3,\), param has \(32,\)"),
+    ("different_step_counts", set_adamw(LAST, "step", torch.tensor(4.0)),
+     r"different step counts per parameter: pos has 3, ln_f\.bias has 4"),
+    ("no_exp_avg_sq", drop_adamw(LAST, "exp_avg_sq"), r"ln_f\.bias: AdamW state has no 'exp_avg_sq'"),
+    ("no_step", drop_adamw(LAST, "step"), r"ln_f\.bias: AdamW state has no 'step'"),
+    ("float64_moment", set_adamw(LAST, "exp_avg", lambda t: t.double()),
+     r"ln_f\.bias: AdamW exp_avg must be a tensor of dtype .* got torch\.float64"),
+    ("moment_not_a_tensor", set_adamw(LAST, "exp_avg", lambda t: t.tolist()),
+     r"ln_f\.bias: AdamW exp_avg must be a tensor of dtype .* got list"),
+    ("step_negative", every_step(-1.0), r"pos: AdamW step must be a whole number >= 0"),
+    ("step_fractional", every_step(2.5), r"pos: AdamW step must be a whole number >= 0"),
+    ("step_nan", every_step(float("nan")), r"pos: AdamW step must be a whole number >= 0"),
+    ("amsgrad", lambda sd: dict(sd, param_groups=[dict(sd["param_groups"][0], amsgrad=True)]),
+     r"param_groups\[0\] has amsgrad=True, which STEP cannot continue"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_ADAMW, ids=[case[0] for case in BAD_ADAMW])
+def test_from_adamw_bad_state_raises_and_leaves_the_model(case, adamw_state):
+    """recipe="srste" masks the model when the optimizer is built: nothing may be built."""
+    _, mutate, match = case
+    model = tiny_gpt()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        sk.STEP.from_adamw(model, mutate(copy.deepcopy(adamw_state)), recipe="srste", backend="reference")
+    assert_same(snapshot(model), before)
+
+
+def test_from_adamw_good_state_builds_and_masks(adamw_state):
+    """The control of the test above: the unbroken state builds (and masks the model)."""
+    model = tiny_gpt()
+    before = snapshot(model)
+    opt = sk.STEP.from_adamw(model, copy.deepcopy(adamw_state), recipe="srste", backend="reference")
+    assert opt.step_count == 3
+    with pytest.raises(AssertionError):
+        assert_same(snapshot(model), before)
+    for p, pid in zip(model.parameters(), adamw_state["param_groups"][0]["params"]):
+        assert torch.equal(opt.state[p]["exp_avg"], adamw_state["state"][pid]["exp_avg"])
