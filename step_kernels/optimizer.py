@@ -126,7 +126,9 @@ class STEP(torch.optim.Optimizer):
         params: parameters or param groups; groups may carry ``sparsity`` (``"N:M"`` or None) and
             ``nm_dim`` (the dim the groups of M run along: 1 for ``nn.Linear``, 0 for
             ``Conv1D``). :func:`step_kernels.sparse_param_groups` builds them from a model.
-        lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (decoupled decay on every group).
+        lr, betas, eps: as ``torch.optim.AdamW``, with its defaults.
+        weight_decay: decoupled decay as in ``torch.optim.AdamW``, on every parameter of a group.
+            The default is 0.0, not AdamW's 0.01 (DESIGN.md section 4): pass 0.01 for AdamW's.
         recipe: ``"step"``, ``"srste"`` or ``"dense"``.
         srste_decay: the SR-STE decay on pruned weights (0 gives plain STE).
         switch: None (a fresh :class:`AutoSwitch`), an :class:`AutoSwitch`, or an int k >= 1
