@@ -606,9 +606,10 @@ class STEP(torch.optim.Optimizer):
                                      f"{saved_groups[0][key]!r} (a global value, the same in every group)")
         self._check_saved_globals(saved_groups[0])
         saved_ids = [pid for g in saved_groups for pid in g["params"]]
-        if len(set(saved_ids)) != len(saved_ids):
+        listed = set(saved_ids)
+        if len(listed) != len(saved_ids):
             raise ValueError("state dict lists a param id in more than one place of its param groups")
-        stray = [pid for pid in states if pid not in set(saved_ids)]
+        stray = [pid for pid in states if pid not in listed]
         if stray:
             raise ValueError(f"state dict has state for param id {stray[0]!r}, which no param group lists")
         phase = saved_groups[0]["phase"]
