@@ -10,10 +10,12 @@ in the model dtype once masked, so autograd yields the straight-through gradient
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections import defaultdict
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from collections.abc import Mapping
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -29,12 +31,49 @@ PRECOND_DTYPES = (torch.float32, torch.bfloat16)
 # Keys kept identical in every param group: the optimizer's global state. They live in the param
 # groups so torch.distributed.checkpoint saves and restores them.
 GLOBAL_KEYS = ("recipe", "step", "phase", "switch_step", "z_history", "precond_floor_count")
+# The hyper-parameter and N:M keys every param group carries (the constructor's defaults).
+GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "srste_decay", "sparsity", "nm_dim")
+
+
+class StateKey(NamedTuple):
+    """What :meth:`STEP.load_state_dict` accepts for one per-parameter state key.
+
+    ``required(frozen, needs_master)`` says whether the key must be present (True), may be
+    present (None) or must be absent (False) for a parameter that is (or not) a target past the
+    switch of recipe "step" (``frozen``) and that needs (or not) an fp32 master (bf16/fp16 model,
+    or a masked target). ``kind`` is what the key holds: a tensor of the parameter's shape in that
+    dtype, ``"precond"`` for a tensor in the optimizer's ``precond_dtype``, or ``int`` for a
+    python int >= 0.
+    """
+
+    required: Callable[[bool, bool], Optional[bool]]
+    kind: Union[torch.dtype, str, type]
+
+
+# Per-parameter state (DESIGN.md section 4): one line per key, so a new key is one line here.
+STATE_KEYS: Dict[str, StateKey] = {
+    "exp_avg": StateKey(lambda frozen, needs_master: True, torch.float32),
+    "exp_avg_sq": StateKey(lambda frozen, needs_master: not frozen, torch.float32),
+    "precond": StateKey(lambda frozen, needs_master: frozen, "precond"),
+    "master": StateKey(lambda frozen, needs_master: True if needs_master else None, torch.float32),
+}
 
 
 def _local(t: Tensor) -> Tensor:
     """The local shard of a DTensor, or the tensor itself."""
     to_local = getattr(t, "to_local", None)
     return to_local() if callable(to_local) else t
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    """Whether ``t`` is a DTensor (without importing torch.distributed)."""
+    return callable(getattr(t, "to_local", None))
+
+
+def _loaded_copy(value: Tensor, p: Tensor) -> Tensor:
+    """A loaded state tensor, copied to ``p``'s device in a contiguous layout (dtype kept)."""
+    copied = value.to(device=p.device, copy=True)
+    return copied if _local(copied).is_contiguous() else copied.contiguous()
 
 
 class AutoSwitch:
@@ -111,7 +150,9 @@ class STEP(torch.optim.Optimizer):
         params: parameters or param groups; groups may carry ``sparsity`` (``"N:M"`` or None) and
             ``nm_dim`` (the dim the groups of M run along: 1 for ``nn.Linear``, 0 for
             ``Conv1D``). :func:`step_kernels.sparse_param_groups` builds them from a model.
-        lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (decoupled decay on every group).
+        lr, betas, eps: as ``torch.optim.AdamW``, with its defaults.
+        weight_decay: decoupled decay as in ``torch.optim.AdamW``, on every parameter of a group.
+            The default is 0.0, not AdamW's 0.01 (DESIGN.md section 4): pass 0.01 for AdamW's.
         recipe: ``"step"``, ``"srste"`` or ``"dense"``.
         srste_decay: the SR-STE decay on pruned weights (0 gives plain STE).
         switch: None (a fresh :class:`AutoSwitch`), an :class:`AutoSwitch`, or an int k >= 1
@@ -503,54 +544,48 @@ class STEP(torch.optim.Optimizer):
     # checkpoints
     # -----------------------------------------------------------------------------------------
 
+    @torch._disable_dynamo
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Load a state saved by :meth:`state_dict`; resumes bit-identically.
+        """Load a state saved by :meth:`state_dict`; resumes bit-identically. All or nothing.
 
-        State tensors keep their saved dtypes (torch's default would cast them to the parameter
-        dtype), and model parameters are rewritten from the masters so the two never disagree.
-        A state from another recipe, N:M or layout raises ``ValueError`` and changes nothing.
+        After torch's load-state-dict pre-hooks (which may rewrite it), the whole state dict is
+        checked before anything changes: the param groups (count, sizes, recipe, N:M,
+        hyper-parameters, and the global state they hold: step, phase, switch step) and every
+        parameter's state (exactly the keys its phase needs, dtypes, shapes, DTensor or not;
+        see ``STATE_KEYS``). Anything wrong raises ``ValueError`` naming the group, the
+        parameter and the key, and leaves optimizer and model exactly as they were.
+
+        State tensors keep their dtypes (fp32; ``precond`` in ``precond_dtype``), where torch's
+        default would cast them to the parameter dtype; they are copied to the parameter's device
+        in a contiguous layout. Model parameters are rewritten from the masters so the two never
+        disagree.
         """
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"state_dict must be a mapping from STEP.state_dict(), got {type(state_dict).__name__}")
+        state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            hooked = pre_hook(self, state_dict)
+            if hooked is not None:
+                state_dict = hooked
+        self._check_state_dict(state_dict)
         saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"state dict has {len(saved_groups)} param groups, this optimizer has "
-                             f"{len(self.param_groups)}")
-        for gi, (mine, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            if saved.get("recipe") != self.recipe:
-                raise ValueError(f"param_groups[{gi}]: state dict is from recipe {saved.get('recipe')!r}, "
-                                 f"this optimizer runs {self.recipe!r}")
-            for key in ("sparsity", "nm_dim"):
-                if saved.get(key) != mine.get(key):
-                    raise ValueError(f"param_groups[{gi}]: state dict has {key}={saved.get(key)!r}, "
-                                     f"this optimizer has {key}={mine.get(key)!r}")
-            if len(saved["params"]) != len(mine["params"]):
-                raise ValueError(f"param_groups[{gi}]: state dict has {len(saved['params'])} params, "
-                                 f"this optimizer has {len(mine['params'])}")
         params = [p for g in self.param_groups for p in g["params"]]
         saved_ids = [i for g in saved_groups for i in g["params"]]
-        sparse = saved_groups[0].get("phase") == "sparse"
-        position = 0
-        for gi, group in enumerate(self.param_groups):
-            frozen = sparse and self.recipe == "step" and self._is_target(group)
-            for i, p in enumerate(group["params"]):
-                entry = state_dict["state"].get(saved_ids[position], {})
-                position += 1
-                name = self._param_name(group, gi, i)
-                for key in ("exp_avg", "precond" if frozen else "exp_avg_sq"):
-                    if key not in entry:
-                        raise ValueError(f"{name}: state dict has no {key!r}")
-                    if tuple(entry[key].shape) != tuple(p.shape):
-                        raise ValueError(f"{name}: state {key!r} has shape {tuple(entry[key].shape)}, "
-                                         f"param has {tuple(p.shape)}")
-        originals = {pid: dict(state_dict["state"].get(pid, {})) for pid in saved_ids}
-        super().load_state_dict(state_dict)
+        state: Dict[Tensor, Dict[str, Any]] = defaultdict(dict)
         with torch.no_grad():
             for p, pid in zip(params, saved_ids):
-                state = self.state[p]
-                state.clear()
-                for key, value in originals[pid].items():
-                    state[key] = value.to(device=p.device, copy=True) if isinstance(value, Tensor) else value
+                state[p] = {key: _loaded_copy(value, p) if isinstance(value, Tensor) else value
+                            for key, value in state_dict["state"].get(pid, {}).items()}
+        groups = []
+        for mine, saved in zip(self.param_groups, saved_groups):
+            group = copy.deepcopy({key: value for key, value in saved.items() if key != "params"})
+            group["params"] = mine["params"]
+            if "param_names" in mine and "param_names" not in group:
+                group["param_names"] = mine["param_names"]
+            groups.append(group)
+        self.state, self.param_groups = state, groups
+        with torch.no_grad():
             for group in self.param_groups:
-                group["z_history"] = list(group["z_history"])
                 for p in group["params"]:
                     master = self.state[p].get("master")
                     if master is None:
@@ -559,6 +594,132 @@ class STEP(torch.optim.Optimizer):
                         self._write_masked(p, master, group)
                     else:
                         _local(p).copy_(_local(master))
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _check_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Raise ``ValueError`` unless ``state_dict`` is a complete, consistent state of this
+        optimizer (see :meth:`load_state_dict`); changes nothing."""
+        missing = [key for key in ("state", "param_groups") if key not in state_dict]
+        if missing:
+            raise ValueError(f"state dict has no {missing[0]!r} (it must come from STEP.state_dict())")
+        saved_groups, states = state_dict["param_groups"], state_dict["state"]
+        if not isinstance(saved_groups, (list, tuple)) or not all(isinstance(g, Mapping) for g in saved_groups):
+            raise ValueError("state dict: 'param_groups' must be a list of dicts")
+        if not isinstance(states, Mapping) or not all(isinstance(s, Mapping) for s in states.values()):
+            raise ValueError("state dict: 'state' must map param ids to dicts")
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state dict has {len(saved_groups)} param groups, this optimizer has "
+                             f"{len(self.param_groups)}")
+        for gi, (mine, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            where = f"param_groups[{gi}]: "
+            absent = [key for key in ("params",) + GROUP_KEYS + GLOBAL_KEYS if key not in saved]
+            if absent:
+                raise ValueError(f"{where}state dict has no {absent[0]!r}")
+            if saved["recipe"] != self.recipe:
+                raise ValueError(f"{where}state dict is from recipe {saved['recipe']!r}, this optimizer runs "
+                                 f"{self.recipe!r}")
+            for key in ("sparsity", "nm_dim"):
+                if saved[key] != mine.get(key):
+                    raise ValueError(f"{where}state dict has {key}={saved[key]!r}, this optimizer has "
+                                     f"{key}={mine.get(key)!r}")
+            if len(saved["params"]) != len(mine["params"]):
+                raise ValueError(f"{where}state dict has {len(saved['params'])} params, this optimizer has "
+                                 f"{len(mine['params'])}")
+            self._check_hyper(saved, where)
+            # z_history is AutoSwitch's, read from group 0 only; the other global keys are set in
+            # every group at once and must agree.
+            for key in GLOBAL_KEYS:
+                if key != "z_history" and saved[key] != saved_groups[0][key]:
+                    raise ValueError(f"{where}state dict has {key}={saved[key]!r}, param_groups[0] has "
+                                     f"{saved_groups[0][key]!r} (a global value, the same in every group)")
+        self._check_saved_globals(saved_groups[0])
+        saved_ids = [pid for g in saved_groups for pid in g["params"]]
+        listed = set(saved_ids)
+        if len(listed) != len(saved_ids):
+            raise ValueError("state dict lists a param id in more than one place of its param groups")
+        stray = [pid for pid in states if pid not in listed]
+        if stray:
+            raise ValueError(f"state dict has state for param id {stray[0]!r}, which no param group lists")
+        phase = saved_groups[0]["phase"]
+        position = 0
+        for gi, group in enumerate(self.param_groups):
+            target = self._is_target(group)
+            masked = target and (self.recipe == "srste" or phase == "sparse")
+            frozen = target and self.recipe == "step" and phase == "sparse"
+            for i, p in enumerate(group["params"]):
+                entry = states.get(saved_ids[position], {})
+                position += 1
+                name = self._param_name(group, gi, i)
+                unknown = [key for key in entry if key not in STATE_KEYS]
+                if unknown:
+                    raise ValueError(f"{name}: state dict has unknown state {unknown[0]!r} (STEP keeps "
+                                     f"{', '.join(STATE_KEYS)})")
+                for key, spec in STATE_KEYS.items():
+                    required = spec.required(frozen, p.dtype != torch.float32 or masked)
+                    kind = "a target" if target else "a parameter that is not a target"
+                    if key not in entry:
+                        if required:
+                            raise ValueError(f"{name}: state dict has no {key!r}, which {kind} in phase "
+                                             f"{phase!r} of recipe {self.recipe!r} needs")
+                        continue
+                    if required is False:
+                        raise ValueError(f"{name}: state dict has {key!r}, which {kind} in phase {phase!r} "
+                                         f"of recipe {self.recipe!r} does not hold")
+                    self._check_state_value(name, key, entry[key], spec.kind, p)
+
+    def _check_saved_globals(self, saved: Mapping) -> None:
+        """The global state of a saved param group: step, phase, switch step, floor count."""
+        step, phase, switch_step = saved["step"], saved["phase"], saved["switch_step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"state dict: step must be an int >= 0, got {step!r}")
+        phases = ("dense", "sparse") if self.recipe == "step" else ("dense",)
+        if phase not in phases:
+            raise ValueError(f"state dict: phase must be one of {phases} for recipe {self.recipe!r}, got {phase!r}")
+        if phase == "dense" and switch_step is not None:
+            raise ValueError(f"state dict: switch_step is {switch_step!r} but the phase is 'dense'")
+        if phase == "sparse" and (isinstance(switch_step, bool) or not isinstance(switch_step, int)
+                                  or not 1 <= switch_step <= step):
+            raise ValueError(f"state dict: switch_step must be an int in [1, step={step}] in phase 'sparse', "
+                             f"got {switch_step!r}")
+        count = saved["precond_floor_count"]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"state dict: precond_floor_count must be an int >= 0, got {count!r}")
+        if not isinstance(saved["z_history"], (list, tuple)):
+            raise ValueError(f"state dict: z_history must be a list, got {type(saved['z_history']).__name__}")
+
+    def _check_state_value(self, name: str, key: str, value: Any, kind: Union[torch.dtype, str, type],
+                           p: Tensor) -> None:
+        """One saved state value against its ``STATE_KEYS`` kind and its parameter."""
+        if kind is int:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}: state {key!r} must be an int >= 0, got {value!r}")
+            return
+        if not isinstance(value, Tensor):
+            raise ValueError(f"{name}: state {key!r} must be a tensor, got {type(value).__name__}")
+        dtype = self.precond_dtype if kind == "precond" else kind
+        if value.dtype != dtype:
+            config = " (this optimizer's precond_dtype)" if kind == "precond" else ""
+            raise ValueError(f"{name}: state {key!r} has dtype {value.dtype}, expected {dtype}{config}")
+        if tuple(value.shape) != tuple(p.shape):
+            raise ValueError(f"{name}: state {key!r} has shape {tuple(value.shape)}, param has {tuple(p.shape)}")
+        if _is_dtensor(value) != _is_dtensor(p):
+            kinds = ("a DTensor", "a plain tensor")
+            raise ValueError(f"{name}: state {key!r} is {kinds[not _is_dtensor(value)]}, the param is "
+                             f"{kinds[not _is_dtensor(p)]}")
+        if value.device.type == "meta" and p.device.type != "meta":
+            raise ValueError(f"{name}: state {key!r} is on the meta device (it holds no values)")
+
+    def __getstate__(self) -> Dict[str, Any]:
+        """What ``pickle`` and ``copy.deepcopy`` keep: every attribute but torch's hook registries.
+
+        torch's own ``__getstate__`` keeps only ``defaults``, ``state`` and ``param_groups``, which
+        would lose the recipe, the switch, the backend and the rest. Hooks are dropped, as torch
+        drops them: a copy starts without hooks. A deep copy of ``(model, optimizer)`` taken
+        together continues bit-identically to the original.
+        """
+        return {key: value for key, value in self.__dict__.items()
+                if not (key.startswith("_optimizer_") and key.endswith("_hooks"))}
 
     # -----------------------------------------------------------------------------------------
     # starting from a dense AdamW run
@@ -573,37 +734,80 @@ class STEP(torch.optim.Optimizer):
         ``adamw_state_dict`` is ``AdamW.state_dict()`` of an optimizer built over
         ``model.parameters()`` (in that order). Its ``exp_avg``, ``exp_avg_sq`` and step count
         become STEP's ``m``, ``v`` and ``t``; the phase-1 clock and AutoSwitch start from there.
-        Other keyword arguments go to :class:`STEP` (``lr`` defaults to the AdamW run's).
+        Other keyword arguments go to :class:`STEP`; ``lr``, ``betas`` and ``eps`` default to the
+        AdamW run's. ``weight_decay`` does not: it is STEP's default, 0.0, unless given (DESIGN.md
+        section 4). The AdamW state is checked before anything is built: a state that does not
+        fit the model (parameter count, shapes, dtypes, missing moments, step counts that differ
+        between parameters, amsgrad or maximize) raises ``ValueError`` naming the parameter, and
+        the model is left as it was.
         """
         from .targets import sparse_param_groups
 
-        saved_groups = adamw_state_dict["param_groups"]
-        saved_ids = [i for g in saved_groups for i in g["params"]]
         named = list(model.named_parameters())
-        if len(saved_ids) != len(named):
-            raise ValueError(f"adamw_state_dict covers {len(saved_ids)} params, the model has {len(named)} "
-                             "(it must come from AdamW(model.parameters()))")
+        step = cls._check_adamw_state(adamw_state_dict, named, kwargs)
         for key in ("lr", "betas", "eps"):
-            kwargs.setdefault(key, saved_groups[0][key])
+            kwargs.setdefault(key, adamw_state_dict["param_groups"][0][key])
         groups = sparse_param_groups(model, sparsity, include=include, exclude=exclude,
                                      weight_decay=weight_decay, overrides=overrides)
         opt = cls(groups, **kwargs)
-        steps = set()
+        saved_ids = [i for g in adamw_state_dict["param_groups"] for i in g["params"]]
         with torch.no_grad():
-            for (name, p), pid in zip(named, saved_ids):
+            for (_, p), pid in zip(named, saved_ids):
                 entry = adamw_state_dict["state"].get(pid)
                 if not entry:
                     continue
-                for key in ("exp_avg", "exp_avg_sq"):
-                    if tuple(entry[key].shape) != tuple(p.shape):
-                        raise ValueError(f"{name}: AdamW {key} has shape {tuple(entry[key].shape)}, "
-                                         f"param has {tuple(p.shape)}")
                 state = opt.state[p]
                 state["exp_avg"].copy_(entry["exp_avg"])
                 if "exp_avg_sq" in state:
                     state["exp_avg_sq"].copy_(entry["exp_avg_sq"])
-                steps.add(int(entry["step"].item() if isinstance(entry["step"], Tensor) else entry["step"]))
-        if len(steps) > 1:
-            raise ValueError(f"adamw_state_dict has different step counts per parameter: {sorted(steps)}")
-        opt._set_global("step", steps.pop() if steps else 0)
+        opt._set_global("step", step)
         return opt
+
+    @staticmethod
+    def _check_adamw_state(adamw_state_dict: Any, named: List[Tuple[str, Tensor]], kwargs: Dict[str, Any]) -> int:
+        """Raise ``ValueError`` unless ``adamw_state_dict`` is an AdamW state of the parameters
+        ``named`` that STEP can continue; return its step count (0 when it holds no state)."""
+        if not isinstance(adamw_state_dict, Mapping) or not all(
+                isinstance(adamw_state_dict.get(key), kind) for key, kind in (("state", Mapping),
+                                                                              ("param_groups", (list, tuple)))):
+            raise ValueError("adamw_state_dict must be AdamW.state_dict(): a dict with 'state' and 'param_groups'")
+        saved_groups = adamw_state_dict["param_groups"]
+        saved_ids = [i for g in saved_groups for i in g["params"]]
+        if len(saved_ids) != len(named):
+            raise ValueError(f"adamw_state_dict covers {len(saved_ids)} params, the model has {len(named)} "
+                             "(it must come from AdamW(model.parameters()))")
+        for key in ("lr", "betas", "eps"):
+            if key not in kwargs and key not in saved_groups[0]:
+                raise ValueError(f"adamw_state_dict: param_groups[0] has no {key!r}; pass {key}=")
+        for gi, group in enumerate(saved_groups):
+            for flag in ("amsgrad", "maximize"):
+                if group.get(flag):
+                    raise ValueError(f"adamw_state_dict: param_groups[{gi}] has {flag}=True, which STEP cannot "
+                                     "continue")
+        steps: Dict[int, str] = {}
+        for (name, p), pid in zip(named, saved_ids):
+            entry = adamw_state_dict["state"].get(pid)
+            if not entry:
+                continue
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                if key not in entry:
+                    raise ValueError(f"{name}: AdamW state has no {key!r}")
+            for key in ("exp_avg", "exp_avg_sq"):
+                value = entry[key]
+                if not isinstance(value, Tensor) or value.dtype not in PARAM_DTYPES:
+                    raise ValueError(f"{name}: AdamW {key} must be a tensor of dtype {PARAM_DTYPES}, got "
+                                     f"{getattr(value, 'dtype', type(value).__name__)}")
+                if tuple(value.shape) != tuple(p.shape):
+                    raise ValueError(f"{name}: AdamW {key} has shape {tuple(value.shape)}, "
+                                     f"param has {tuple(p.shape)}")
+            step = entry["step"]
+            if isinstance(step, Tensor) and step.numel() == 1:
+                step = step.item()
+            if (isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) or step < 0
+                    or step != int(step)):
+                raise ValueError(f"{name}: AdamW step must be a whole number >= 0, got {entry['step']!r}")
+            steps.setdefault(int(step), name)
+        if len(steps) > 1:
+            detail = ", ".join(f"{name} has {count}" for count, name in sorted(steps.items()))
+            raise ValueError(f"adamw_state_dict has different step counts per parameter: {detail}")
+        return next(iter(steps), 0)
