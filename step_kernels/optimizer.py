@@ -298,7 +298,7 @@ class STEP(torch.optim.Optimizer):
                 group[key] = {"recipe": self.recipe, "step": 0, "phase": "dense", "switch_step": None,
                               "z_history": [], "precond_floor_count": 0}[key]
             else:
-                group[key] = list(source[key]) if key == "z_history" else source[key]
+                group[key] = source[key]  # z_history: one list, shared by every group
         if group["sparsity"] is not None:
             group["nm_dim"] = 1 if group.get("nm_dim") is None else group["nm_dim"] % 2
         with torch.no_grad():
@@ -583,6 +583,9 @@ class STEP(torch.optim.Optimizer):
             if "param_names" in mine and "param_names" not in group:
                 group["param_names"] = mine["param_names"]
             groups.append(group)
+        history = list(groups[0]["z_history"])
+        for group in groups:  # one AutoSwitch history, shared by every group as on a live optimizer
+            group["z_history"] = history
         self.state, self.param_groups = state, groups
         with torch.no_grad():
             for group in self.param_groups:

@@ -90,3 +90,27 @@ def test_a_nan_gradient_leaves_only_t_max_and_poisons_like_adamw():
     assert opt.switch_step == t_max
     master = opt.state[lin.weight]["master"]
     assert torch.equal(torch.isnan(master), torch.isnan(peer.weight)) and torch.isnan(master[1, 2])
+
+
+def test_every_param_group_holds_the_same_z_history_also_after_a_resume():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    opt = sk.STEP([{"params": [model[0].weight], "sparsity": "2:4"}], betas=(0.9, 0.9),
+                  switch=sk.AutoSwitch(threshold=0.0), backend="reference")
+    opt.add_param_group({"params": [model[1].weight], "sparsity": "2:4"})
+
+    def train(optimizer, steps):
+        for _ in range(steps):
+            optimizer.zero_grad()
+            model(torch.randn(4, 8)).square().mean().backward()
+            optimizer.step()
+
+    train(opt, 3)
+    histories = [g["z_history"] for g in opt.state_dict()["param_groups"]]
+    assert len(histories[0]) == 3 and histories[1] == histories[0]
+    resumed = sk.STEP([{"params": [model[0].weight], "sparsity": "2:4"}], betas=(0.9, 0.9),
+                      switch=sk.AutoSwitch(threshold=0.0), backend="reference")
+    resumed.add_param_group({"params": [model[1].weight], "sparsity": "2:4"})
+    resumed.load_state_dict(opt.state_dict())
+    train(resumed, 2)
+    histories = [g["z_history"] for g in resumed.state_dict()["param_groups"]]
+    assert len(histories[0]) == 5 and histories[1] == histories[0] == resumed.stats()["z_history"]
