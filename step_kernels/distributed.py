@@ -125,7 +125,9 @@ class DistributedSTEP(STEP):
     mismatched sparsity across ranks, a bad hyper-parameter on one rank) is raised on every
     rank, naming the rank and the parameter, instead of leaving the other ranks waiting in a
     collective: as a ``ValueError``, or with the failing rank's own exception type there.
-    Every later ``step()`` must also be called on every rank. ``add_param_group`` after
+    Every later ``step()`` must also be called on every rank, with grads for the same parameters
+    (as DDP, FSDP2 and tensor parallelism give: grads follow the model graph), since a step
+    without any grad is skipped without a collective. ``add_param_group`` after
     construction is collective too.
     """
 

@@ -25,6 +25,7 @@ __all__ = ["STEP", "AutoSwitch"]
 RECIPES = ("step", "srste", "dense")
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PRECOND_DTYPES = (torch.float32, torch.bfloat16)
+FP32 = (torch.float32,)
 # Keys kept identical in every param group: the optimizer's global state. They live in the param
 # groups so torch.distributed.checkpoint saves and restores them.
 GLOBAL_KEYS = ("recipe", "step", "phase", "switch_step", "z_history", "precond_floor_count")
@@ -32,6 +33,8 @@ GLOBAL_KEYS = ("recipe", "step", "phase", "switch_step", "z_history", "precond_f
 
 def _local(t: Tensor) -> Tensor:
     """The local shard of a DTensor, or the tensor itself."""
+    if type(t) is Tensor or type(t) is torch.nn.Parameter:  # the common case, without a getattr miss
+        return t
     to_local = getattr(t, "to_local", None)
     return to_local() if callable(to_local) else t
 
@@ -298,9 +301,9 @@ class STEP(torch.optim.Optimizer):
         state = self.state[p]
         if state:
             return
-        # The parameter's own step count, as torch.optim.AdamW's: a host scalar that drives its bias
-        # corrections and counts only the steps in which it had a grad.
-        state["step"] = torch.zeros((), dtype=torch.int64)
+        # The parameter's own step count, as torch.optim.AdamW's: it drives its bias corrections and
+        # counts only the steps in which it had a grad (a Python int: no device, no tensor op per step).
+        state["step"] = 0
         state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
         # A group added after the switch starts with live v too: it is frozen once it has had
         # switch_step steps of its own (DESIGN.md section 4), never with the p of v = 0.
@@ -387,39 +390,50 @@ class STEP(torch.optim.Optimizer):
     # the step
     # -----------------------------------------------------------------------------------------
 
-    def _check_param(self, name: str, p: Tensor, grad: Tensor, state: Dict[str, Any], masked: bool,
-                     frozen: bool) -> None:
+    def _check_param(self, where: Tuple[Dict[str, Any], int, int], p: Tensor, grad: Tensor, state: Dict[str, Any],
+                     masked: bool, frozen: bool) -> int:
         """Everything the step needs of one parameter, its grad and its state; raises
-        ``ValueError`` naming the parameter (the step has not changed anything yet)."""
+        ``ValueError`` naming the parameter (``where`` is its group, group index and index; the
+        step has not changed anything yet). Returns the parameter's own step count."""
+        try:
+            return self._check_param_unnamed(p, grad, state, masked, frozen)
+        except ValueError as exc:
+            raise ValueError(f"{self._param_name(*where)}: {exc}") from None
+
+    @staticmethod
+    def _check_param_unnamed(p: Tensor, grad: Tensor, state: Dict[str, Any], masked: bool, frozen: bool) -> int:
+        """:meth:`_check_param` without the name (formatted only when something is wrong)."""
+        shape, device = p.shape, _local(p).device
         if p.dtype not in PARAM_DTYPES:
-            raise ValueError(f"{name}: dtype {p.dtype} is not supported; use one of {PARAM_DTYPES}")
+            raise ValueError(f"dtype {p.dtype} is not supported; use one of {PARAM_DTYPES}")
         if grad.is_sparse:
-            raise ValueError(f"{name}: sparse gradients are not supported")
-        if grad.shape != p.shape:
-            raise ValueError(f"{name}: grad shape {tuple(grad.shape)} != param shape {tuple(p.shape)}")
+            raise ValueError("sparse gradients are not supported")
+        if grad.shape != shape:
+            raise ValueError(f"grad shape {tuple(grad.shape)} != param shape {tuple(shape)}")
         if grad.dtype not in PARAM_DTYPES:
-            raise ValueError(f"{name}: grad dtype {grad.dtype} is not supported; use one of {PARAM_DTYPES}")
+            raise ValueError(f"grad dtype {grad.dtype} is not supported; use one of {PARAM_DTYPES}")
         if grad.device != p.device:
-            raise ValueError(f"{name}: grad is on {grad.device} but the param is on {p.device}")
+            raise ValueError(f"grad is on {grad.device} but the param is on {p.device}")
         count = state.get("step")
-        if not (isinstance(count, Tensor) and count.numel() == 1 and not count.is_floating_point()
-                and int(count) >= 0):
-            raise ValueError(f"{name}: state 'step' must be a one-element integer tensor >= 0, got {count!r}")
-        needed = {"exp_avg": (torch.float32,)}
-        needed["precond" if frozen else "exp_avg_sq"] = PRECOND_DTYPES if frozen else (torch.float32,)
-        if masked or p.dtype != torch.float32:
-            needed["master"] = (torch.float32,)
-        for key, dtypes in needed.items():
+        if type(count) is not int or count < 0:
+            raise ValueError(f"state 'step' must be an int >= 0 (the parameter's own step count), "
+                             f"got {count!r}")
+        second = ("precond", PRECOND_DTYPES) if frozen else ("exp_avg_sq", FP32)
+        needed = (("exp_avg", FP32), second, ("master", FP32)) if masked or p.dtype != torch.float32 else \
+            (("exp_avg", FP32), second)
+        for key, dtypes in needed:
             value = state.get(key)
             if not isinstance(value, Tensor):
-                raise ValueError(f"{name}: state has no {key!r} tensor; this step needs {sorted(needed)}")
+                raise ValueError(f"state has no {key!r} tensor; this step needs "
+                                 f"{sorted(k for k, _ in needed)}")
             if value.dtype not in dtypes:
-                raise ValueError(f"{name}: state {key!r} has dtype {value.dtype}, expected one of {dtypes}")
-            if value.shape != p.shape:
-                raise ValueError(f"{name}: state {key!r} has shape {tuple(value.shape)}, param has {tuple(p.shape)}")
-            if _local(value).device != _local(p).device:
-                raise ValueError(f"{name}: state {key!r} is on {_local(value).device}, the param on "
-                                 f"{_local(p).device} (move the optimizer state with the model)")
+                raise ValueError(f"state {key!r} has dtype {value.dtype}, expected one of {dtypes}")
+            if value.shape != shape:
+                raise ValueError(f"state {key!r} has shape {tuple(value.shape)}, param has {tuple(shape)}")
+            if _local(value).device != device:
+                raise ValueError(f"state {key!r} is on {_local(value).device}, the param on {device} "
+                                 "(move the optimizer state with the model)")
+        return count
 
     def _collect(self):
         """Validate everything this step needs, then group its work into backend calls.
@@ -450,17 +464,16 @@ class STEP(torch.optim.Optimizer):
                 grad = p.grad
                 if grad is None:
                     continue
-                name = self._param_name(group, gi, i)
                 state = self.state[p]
                 # A target of recipe "step" is frozen once it holds a preconditioner; until then
                 # (no settled v at the switch, or added after it) it steps with live v.
                 frozen = masked and self.recipe == "step" and "precond" in state
-                self._check_param(name, p, grad, state, masked, frozen)
-                devices.setdefault(_local(p).device, name)
+                own_step = self._check_param((group, gi, i), p, grad, state, masked, frozen) + 1
+                devices.setdefault(_local(p).device, (group, gi, i))
                 master = state.get("master")
                 second = state["precond"] if frozen else state["exp_avg_sq"]
                 out = p if master is not None else None
-                key = (masked, frozen, stats, n, m, hyper, int(state["step"]) + 1, grad.dtype,
+                key = (masked, frozen, stats, n, m, hyper, own_step, grad.dtype,
                        p.dtype if out is not None else None, second.dtype)
                 b = buckets[key]
                 b.weights.append(_contiguous_work(_local(master if master is not None else p), writebacks))
@@ -473,10 +486,11 @@ class STEP(torch.optim.Optimizer):
                 b.group_dims.append(group["nm_dim"] if masked else -1)
                 b.numel += _local(p).numel()
                 stepped.append(state)
-        for device, name in devices.items():
+        for device, where in devices.items():
             reason = ops.backend_status(self.backend, device)
             if reason is not None:
-                raise ValueError(f"{name}: the optimizer's backend {self.backend!r} cannot step it: {reason}")
+                raise ValueError(f"{self._param_name(*where)}: the optimizer's backend {self.backend!r} cannot "
+                                 f"step it: {reason}")
         return buckets, stepped, writebacks
 
     def _reduce_stats(self, totals: Tensor) -> Tensor:
@@ -523,7 +537,8 @@ class STEP(torch.optim.Optimizer):
                 masked_numel += b.numel
         for tensor, work in writebacks:
             tensor.copy_(work)
-        torch._foreach_add_([state["step"] for state in stepped], 1)
+        for state in stepped:
+            state["step"] += 1
         # [sum |dv|, sum v, flips, numel of the statistics, numel masked], summed over ranks when the
         # statistics are used; the condition depends only on global state, so every rank agrees.
         phase = self._globals["phase"]
@@ -579,11 +594,11 @@ class STEP(torch.optim.Optimizer):
         for (_, p, group), (fed, v_sum) in zip(targets, totals):
             state = self.state[p]
             if fed == 0:
-                state["step"].zero_()
+                state["step"] = 0
                 continue
             v = state["exp_avg_sq"]
             beta2 = group["betas"][1]
-            count = max(int(state["step"]), 1)  # >= 1 whenever v is nonzero; guards a hand-made state
+            count = max(state["step"], 1)  # >= 1 whenever v is nonzero; guards a hand-made state
             unfed = reference.unfed_preconditioner(fed, v_sum, beta2=beta2, step=count, precond_eps=self.precond_eps)
             floor += int(((_local(v).sqrt() / (1 - beta2**count) ** 0.5) < self.precond_eps).sum().item())
             state["precond"] = reference.preconditioner(v, beta2=beta2, step=count, precond_eps=self.precond_eps,
@@ -609,8 +624,14 @@ class STEP(torch.optim.Optimizer):
     def _freeze_ready(self) -> None:
         """After a phase-2 step: freeze every target still on live v that has now taken
         ``switch_step`` steps of its own (DESIGN.md section 4)."""
-        ready = [(name, p, group) for name, p, group in self._targets()
-                 if "exp_avg_sq" in self.state[p] and int(self.state[p]["step"]) >= self.switch_step]
+        ready = []
+        for gi, group in enumerate(self.param_groups):
+            if not self._is_target(group):
+                continue
+            for i, p in enumerate(group["params"]):
+                state = self.state[p]
+                if "exp_avg_sq" in state and state["step"] >= self.switch_step:
+                    ready.append((self._param_name(group, gi, i), p, group))
         self._freeze(ready)
 
     # -----------------------------------------------------------------------------------------
@@ -663,9 +684,7 @@ class STEP(torch.optim.Optimizer):
                 state = self.state[p]
                 state.clear()
                 for key, value in originals[pid].items():
-                    # the per-parameter step count stays a host scalar, as torch.optim.AdamW's
-                    device = torch.device("cpu") if key == "step" else p.device
-                    state[key] = value.to(device=device, copy=True) if isinstance(value, Tensor) else value
+                    state[key] = value.to(device=p.device, copy=True) if isinstance(value, Tensor) else value
             for group in self.param_groups:
                 group["z_history"] = list(group["z_history"])
                 for p in group["params"]:
@@ -721,7 +740,7 @@ class STEP(torch.optim.Optimizer):
                     state["exp_avg_sq"].copy_(entry["exp_avg_sq"])
                 own_step = int(entry["step"].item() if isinstance(entry["step"], Tensor) else entry["step"])
                 steps.add(own_step)
-                state["step"].fill_(own_step)
+                state["step"] = own_step
         if len(steps) > 1:
             raise ValueError(f"adamw_state_dict has different step counts per parameter: {sorted(steps)}")
         opt._set_global("step", steps.pop() if steps else 0)

@@ -76,6 +76,8 @@ class _RawVSTEP(STEP):
         super()._do_switch(t)
         floor = 0
         for _, p, _ in self._targets():
+            if "precond" not in self.state[p]:  # no settled v yet: frozen later, by STEP's own rule
+                continue
             precond = self.state[p]["precond"]
             precond.copy_(1.0 / (raw[id(p)].sqrt() + self.precond_eps))
             floor += int((raw[id(p)].sqrt() < self.precond_eps).sum().item())
