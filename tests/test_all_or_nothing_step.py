@@ -122,10 +122,6 @@ def test_constructor_masks_srste_targets_once_every_group_is_valid():
 # ---------------------------------------------------------------------------------------------
 
 
-def _group(index):
-    return lambda opt: opt.param_groups[index]
-
-
 def _set(index, key, value):
     def apply(model, opt):
         opt.param_groups[index][key] = value
