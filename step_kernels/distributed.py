@@ -125,7 +125,9 @@ class DistributedSTEP(STEP):
     mismatched sparsity across ranks, a bad hyper-parameter on one rank) is raised on every
     rank, naming the rank and the parameter, instead of leaving the other ranks waiting in a
     collective: as a ``ValueError``, or with the failing rank's own exception type there.
-    Every later ``step()`` must also be called on every rank. ``add_param_group`` after
+    Every later ``step()`` must also be called on every rank, with grads for the same parameters
+    (as DDP, FSDP2 and tensor parallelism give: grads follow the model graph), since a step
+    without any grad is skipped without a collective. ``add_param_group`` after
     construction is collective too.
     """
 
@@ -280,8 +282,10 @@ def prepare_optimizer_for_load(optimizer: STEP, checkpoint_id=None, *, storage_r
     was saved after the switch (its optimizer state, stored under ``key``, holds ``precond``),
     every target of ``optimizer`` gets placeholder ``precond`` and ``master`` tensors in place of
     ``exp_avg_sq`` (same shapes, dtypes and placements as the saved ones); ``dcp.load`` and
-    ``set_state_dict`` then overwrite them and the phase. Returns True when the layout changed.
-    Call it on every rank. ``storage_reader`` defaults to a ``FileSystemReader(checkpoint_id)``.
+    ``set_state_dict`` then overwrite them and the phase. A target the checkpoint saved with
+    ``exp_avg_sq`` (one still on live v after the switch, DESIGN.md section 4) gets only the
+    ``master``. Returns True when the layout changed. Call it on every rank.
+    ``storage_reader`` defaults to a ``FileSystemReader(checkpoint_id)``.
     """
     if storage_reader is None:
         from torch.distributed.checkpoint import FileSystemReader
@@ -292,9 +296,11 @@ def prepare_optimizer_for_load(optimizer: STEP, checkpoint_id=None, *, storage_r
     if not saved_sparse or optimizer.recipe != "step" or optimizer.phase == "sparse":
         return False
     with torch.no_grad():
-        for _, p, _ in optimizer._targets():
+        for name, p, _ in optimizer._targets():
             state = optimizer.state[p]
-            state.pop("exp_avg_sq", None)
-            state["precond"] = torch.zeros_like(p, dtype=optimizer.precond_dtype)
-            state.setdefault("master", p.detach().to(torch.float32, copy=True))
+            if f"{key}.state.{name}.exp_avg_sq" not in keys:
+                state.pop("exp_avg_sq", None)
+                state["precond"] = torch.zeros_like(p, dtype=optimizer.precond_dtype)
+            state.setdefault("master", p.detach().to(torch.float32, memory_format=torch.contiguous_format,
+                                                     copy=True))
     return True

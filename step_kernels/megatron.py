@@ -239,6 +239,12 @@ class _ShardedSTEP(DistributedSTEP):
                                       "fixed when the optimizer is built (its shards come from DDP's grad buffers)")
         super().add_param_group(param_group)
 
+    def _reduce_per_tensor(self, rows: Tensor) -> Tensor:
+        """Per-tensor statistics stay local: each rank holds other tensors (its shards), so each
+        shard decides alone whether its v has settled (DESIGN.md section 4); its state is saved
+        per rank."""
+        return rows
+
     def _local_groups(self, groups: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         from megatron.core.tensor_parallel import copy_tensor_model_parallel_attributes
 

@@ -28,6 +28,7 @@ __all__ = ["STEP", "AutoSwitch"]
 RECIPES = ("step", "srste", "dense")
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PRECOND_DTYPES = (torch.float32, torch.bfloat16)
+FP32 = (torch.float32,)
 # Keys kept identical in every param group: the optimizer's global state. They live in the param
 # groups so torch.distributed.checkpoint saves and restores them.
 GLOBAL_KEYS = ("recipe", "step", "phase", "switch_step", "z_history", "precond_floor_count")
@@ -56,11 +57,14 @@ STATE_KEYS: Dict[str, StateKey] = {
     "exp_avg_sq": StateKey(lambda frozen, needs_master: not frozen, torch.float32),
     "precond": StateKey(lambda frozen, needs_master: frozen, "precond"),
     "master": StateKey(lambda frozen, needs_master: True if needs_master else None, torch.float32),
+    "step": StateKey(lambda frozen, needs_master: True, int),  # the parameter's own count, as AdamW's
 }
 
 
 def _local(t: Tensor) -> Tensor:
     """The local shard of a DTensor, or the tensor itself."""
+    if type(t) is Tensor or type(t) is torch.nn.Parameter:  # the common case, without a getattr miss
+        return t
     to_local = getattr(t, "to_local", None)
     return to_local() if callable(to_local) else t
 
@@ -74,6 +78,21 @@ def _loaded_copy(value: Tensor, p: Tensor) -> Tensor:
     """A loaded state tensor, copied to ``p``'s device in a contiguous layout (dtype kept)."""
     copied = value.to(device=p.device, copy=True)
     return copied if _local(copied).is_contiguous() else copied.contiguous()
+
+
+def _fp32_master(p: Tensor) -> Tensor:
+    """A contiguous fp32 copy of ``p`` (whatever ``p``'s strides: the kernels take contiguous state)."""
+    return p.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+
+
+def _contiguous_work(t: Tensor, writebacks: List[Tuple[Tensor, Tensor]]) -> Tensor:
+    """``t`` itself when contiguous; else a contiguous copy, recorded in ``writebacks`` as
+    ``(t, copy)`` so the step writes it back after its kernels (DESIGN.md section 4)."""
+    if t.is_contiguous():
+        return t
+    work = t.contiguous()
+    writebacks.append((t, work))
+    return work
 
 
 class AutoSwitch:
@@ -166,6 +185,24 @@ class STEP(torch.optim.Optimizer):
     Public state: ``opt.phase`` (``"dense"`` | ``"sparse"``), ``opt.switch_step``, ``opt.backend``,
     ``opt.stats()``.
 
+    Steps and counts, as ``torch.optim.AdamW``: a parameter without a grad is skipped and its own
+    step count (``state["step"]``, which drives its bias corrections) does not advance; a step
+    in which no parameter has a grad changes nothing and counts nowhere (not in the global step,
+    the switch or AutoSwitch). Non-contiguous parameters (transposed views, channels_last) work:
+    their state is contiguous and the step writes the result back. A step validates every
+    hyper-parameter, grad and state tensor it needs before its first kernel runs: bad input
+    raises ``ValueError`` naming the group or parameter and changes nothing.
+
+    Targets without a settled v (DESIGN.md section 4): at the switch, a target whose v is zero
+    everywhere (no grad, or only zero grads, in phase 1: a branch used later, a layer unfrozen
+    later) is not frozen; it keeps its v, restarts its own step count, takes masked steps with
+    live v (the SR-STE update) and is frozen at the end of the step at which it has taken
+    ``switch_step`` steps of its own, the same number of Adam steps the other targets had before
+    their freeze. A sparse group added after the switch starts the same way. Inside a frozen
+    tensor, a coordinate whose v is exactly 0 gets the preconditioner of the tensor's
+    root-mean-square v (:func:`step_kernels.reference.unfed_preconditioner`), not
+    ``1 / precond_eps``.
+
     The defaults of ``srste_decay``, ``precond_eps``, ``precond_dtype`` and the bias-corrected
     frozen v were kept after the ablations of ``bench/accuracy`` (README, "Accuracy study"):
     plain STE was worse; raw v, ``precond_eps`` 1e-8 and a bf16 preconditioner were within seed
@@ -220,7 +257,15 @@ class STEP(torch.optim.Optimizer):
         self._last_flips: Optional[Tensor] = None
         self._last_masked_numel = 0
         self._last_launches = 0
+        # Every group is validated before any state is created or any target masked: a bad group
+        # leaves the model untouched (add_param_group creates state at once after construction).
+        self._building = True
         super().__init__(params, defaults)
+        self._building = False
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    self._init_state(p, group)
 
     # -----------------------------------------------------------------------------------------
     # configuration and state creation
@@ -230,6 +275,8 @@ class STEP(torch.optim.Optimizer):
     def _check_hyper(group: Dict[str, Any], where: str) -> None:
         lr = group["lr"]
         if isinstance(lr, Tensor):
+            if lr.numel() != 1:
+                raise ValueError(f"{where}Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
             lr = lr.item()
         if not (isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr)):
             raise ValueError(f"{where}lr must be a finite number >= 0, got {group['lr']!r}")
@@ -260,8 +307,12 @@ class STEP(torch.optim.Optimizer):
             raise ValueError(f"{where}param_names has {len(names)} entries for {len(group['params'])} params")
         if sparsity is not None:
             n, m = parse_sparsity(sparsity, f"{where}sparsity")
+        seen = set()
         for i, p in enumerate(group["params"]):
             name = self._param_name(group, gi, i)
+            if id(p) in seen:
+                raise ValueError(f"{name}: appears twice in the group (it would be stepped twice per step)")
+            seen.add(id(p))
             if p.dtype not in PARAM_DTYPES:
                 raise ValueError(f"{name}: dtype {p.dtype} is not supported; use one of {PARAM_DTYPES}")
             if sparsity is None or self.recipe == "dense":
@@ -301,6 +352,8 @@ class STEP(torch.optim.Optimizer):
                 group[key] = source[key]  # z_history: one list, shared by every group
         if group["sparsity"] is not None:
             group["nm_dim"] = 1 if group.get("nm_dim") is None else group["nm_dim"] % 2
+        if getattr(self, "_building", False):
+            return
         with torch.no_grad():
             for p in group["params"]:
                 self._init_state(p, group)
@@ -314,15 +367,16 @@ class STEP(torch.optim.Optimizer):
         state = self.state[p]
         if state:
             return
-        state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+        # The parameter's own step count, as torch.optim.AdamW's: it drives its bias corrections and
+        # counts only the steps in which it had a grad (a Python int: no device, no tensor op per step).
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+        # A group added after the switch starts with live v too: it is frozen once it has had
+        # switch_step steps of its own (DESIGN.md section 4), never with the p of v = 0.
+        state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
         masked = self._masked_now(group)
-        if masked and self.recipe == "step":
-            # A group added after the switch starts with the preconditioner of v = 0.
-            state["precond"] = torch.full_like(p, 1.0 / self.precond_eps, dtype=self.precond_dtype)
-        else:
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
         if p.dtype != torch.float32 or masked:
-            state["master"] = p.detach().to(torch.float32, copy=True)
+            state["master"] = _fp32_master(p)
         if masked:
             self._write_masked(p, state["master"], group)
 
@@ -374,8 +428,8 @@ class STEP(torch.optim.Optimizer):
         """What the optimizer did: ``flip_rate`` of the last step (fraction of target coordinates
         whose mask changed; None before any masked step), ``z_history`` (AutoSwitch's Z per
         phase-1 step), ``sparsity`` (fraction of zeros over all targets' model parameters, now),
-        ``precond_floor_count`` (coordinates whose sqrt(v_hat) was below ``precond_eps`` at the
-        switch), ``kernel_launches`` (in the last step), plus ``phase``, ``step``, ``switch_step``
+        ``precond_floor_count`` (coordinates of the targets frozen at the switch whose
+        sqrt(v_hat) was below ``precond_eps``), ``kernel_launches`` (in the last step), plus ``phase``, ``step``, ``switch_step``
         and ``backend``."""
         flip_rate = None
         if self._last_flips is not None and float(self._last_masked_numel):
@@ -402,49 +456,108 @@ class STEP(torch.optim.Optimizer):
     # the step
     # -----------------------------------------------------------------------------------------
 
-    def _collect(self, t: int):
-        """Group this step's work into backend calls; validate every grad before anything runs."""
+    def _check_param(self, where: Tuple[Dict[str, Any], int, int], p: Tensor, grad: Tensor, state: Dict[str, Any],
+                     masked: bool, frozen: bool) -> int:
+        """Everything the step needs of one parameter, its grad and its state; raises
+        ``ValueError`` naming the parameter (``where`` is its group, group index and index; the
+        step has not changed anything yet). Returns the parameter's own step count."""
+        try:
+            return self._check_param_unnamed(p, grad, state, masked, frozen)
+        except ValueError as exc:
+            raise ValueError(f"{self._param_name(*where)}: {exc}") from None
+
+    @staticmethod
+    def _check_param_unnamed(p: Tensor, grad: Tensor, state: Dict[str, Any], masked: bool, frozen: bool) -> int:
+        """:meth:`_check_param` without the name (formatted only when something is wrong)."""
+        shape, device = p.shape, _local(p).device
+        if p.dtype not in PARAM_DTYPES:
+            raise ValueError(f"dtype {p.dtype} is not supported; use one of {PARAM_DTYPES}")
+        if grad.is_sparse:
+            raise ValueError("sparse gradients are not supported")
+        if grad.shape != shape:
+            raise ValueError(f"grad shape {tuple(grad.shape)} != param shape {tuple(shape)}")
+        if grad.dtype not in PARAM_DTYPES:
+            raise ValueError(f"grad dtype {grad.dtype} is not supported; use one of {PARAM_DTYPES}")
+        if grad.device != p.device:
+            raise ValueError(f"grad is on {grad.device} but the param is on {p.device}")
+        count = state.get("step")
+        if type(count) is not int or count < 0:
+            raise ValueError(f"state 'step' must be an int >= 0 (the parameter's own step count), "
+                             f"got {count!r}")
+        second = ("precond", PRECOND_DTYPES) if frozen else ("exp_avg_sq", FP32)
+        needed = (("exp_avg", FP32), second, ("master", FP32)) if masked or p.dtype != torch.float32 else \
+            (("exp_avg", FP32), second)
+        for key, dtypes in needed:
+            value = state.get(key)
+            if not isinstance(value, Tensor):
+                raise ValueError(f"state has no {key!r} tensor; this step needs "
+                                 f"{sorted(k for k, _ in needed)}")
+            if value.dtype not in dtypes:
+                raise ValueError(f"state {key!r} has dtype {value.dtype}, expected one of {dtypes}")
+            if value.shape != shape:
+                raise ValueError(f"state {key!r} has shape {tuple(value.shape)}, param has {tuple(shape)}")
+            if _local(value).device != device:
+                raise ValueError(f"state {key!r} is on {_local(value).device}, the param on {device} "
+                                 "(move the optimizer state with the model)")
+        return count
+
+    def _collect(self):
+        """Validate everything this step needs, then group its work into backend calls.
+
+        Raises before anything changes: hyper-parameters of every group (as schedulers left
+        them), every grad, every state tensor, the backend for the parameters' device. Returns
+        ``(buckets, stepped, writebacks)``: the backend calls, the states of the parameters that
+        take this step, and ``(tensor, contiguous copy)`` pairs to write back after the kernels.
+        """
         buckets: Dict[tuple, _Bucket] = defaultdict(_Bucket)
+        stepped: List[Dict[str, Any]] = []
+        writebacks: List[Tuple[Tensor, Tensor]] = []
+        devices: Dict[torch.device, str] = {}
         phase = self._globals["phase"]
         autoswitch = self.recipe == "step" and phase == "dense" and isinstance(self.switch, AutoSwitch)
         for gi, group in enumerate(self.param_groups):
+            where = f"param_groups[{gi}]: "
+            self._check_hyper(group, where)
             target = self._is_target(group)
             masked = self._masked_now(group)
-            frozen = masked and self.recipe == "step"
             stats = target and not masked and autoswitch
-            n, m = parse_sparsity(group["sparsity"]) if masked else (0, 0)
+            n, m = parse_sparsity(group["sparsity"], f"{where}sparsity") if masked else (0, 0)
             beta1, beta2 = group["betas"]
             lr = group["lr"].item() if isinstance(group["lr"], Tensor) else group["lr"]
             hyper = (float(lr), float(beta1), float(beta2), float(group["eps"]),
                      float(group["weight_decay"]), float(group["srste_decay"]))
             for i, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                name = self._param_name(group, gi, i)
                 grad = p.grad
-                if grad.is_sparse:
-                    raise ValueError(f"{name}: sparse gradients are not supported")
-                if grad.shape != p.shape:
-                    raise ValueError(f"{name}: grad shape {tuple(grad.shape)} != param shape {tuple(p.shape)}")
-                if grad.dtype not in PARAM_DTYPES:
-                    raise ValueError(f"{name}: grad dtype {grad.dtype} is not supported; use one of {PARAM_DTYPES}")
-                if grad.device != p.device:
-                    raise ValueError(f"{name}: grad is on {grad.device} but the param is on {p.device}")
+                if grad is None:
+                    continue
                 state = self.state[p]
+                # A target of recipe "step" is frozen once it holds a preconditioner; until then
+                # (no settled v at the switch, or added after it) it steps with live v.
+                frozen = masked and self.recipe == "step" and "precond" in state
+                own_step = self._check_param((group, gi, i), p, grad, state, masked, frozen) + 1
+                devices.setdefault(_local(p).device, (group, gi, i))
                 master = state.get("master")
                 second = state["precond"] if frozen else state["exp_avg_sq"]
                 out = p if master is not None else None
-                key = (masked, frozen, stats, n, m, hyper, grad.dtype, p.dtype if out is not None else None,
-                       second.dtype)
+                key = (masked, frozen, stats, n, m, hyper, own_step, grad.dtype,
+                       p.dtype if out is not None else None, second.dtype)
                 b = buckets[key]
-                b.weights.append(_local(master if master is not None else p))
-                b.grads.append(_local(grad))
-                b.exp_avgs.append(_local(state["exp_avg"]))
-                b.seconds.append(_local(second))
-                b.outs.append(_local(out) if out is not None else None)
+                b.weights.append(_contiguous_work(_local(master if master is not None else p), writebacks))
+                local_grad = _local(grad)
+                b.grads.append(local_grad if local_grad.is_contiguous() else local_grad.contiguous())
+                b.exp_avgs.append(_contiguous_work(_local(state["exp_avg"]), writebacks))
+                local_second = _local(second)
+                b.seconds.append(local_second.contiguous() if frozen else _contiguous_work(local_second, writebacks))
+                b.outs.append(_contiguous_work(_local(out), writebacks) if out is not None else None)
                 b.group_dims.append(group["nm_dim"] if masked else -1)
                 b.numel += _local(p).numel()
-        return buckets
+                stepped.append(state)
+        for device, where in devices.items():
+            reason = ops.backend_status(self.backend, device)
+            if reason is not None:
+                raise ValueError(f"{self._param_name(*where)}: the optimizer's backend {self.backend!r} cannot "
+                                 f"step it: {reason}")
+        return buckets, stepped, writebacks
 
     def _reduce_stats(self, totals: Tensor) -> Tensor:
         """Sum a float64 vector of per-rank statistics over the ranks that hold different parts
@@ -464,16 +577,19 @@ class STEP(torch.optim.Optimizer):
         if found_inf is not None and bool(found_inf.item() != 0):
             self._last_launches = 0
             return loss
+        buckets, stepped, writebacks = self._collect()
+        if not stepped:  # no parameter has a grad: a no-op that counts nowhere (DESIGN.md section 4)
+            self._last_launches = 0
+            return loss
         t = self._globals["step"] + 1
-        buckets = self._collect(t)
-        device = next((b.weights[0].device for b in buckets.values()), torch.device("cpu"))
+        device = next(b.weights[0].device for b in buckets.values())
         totals = torch.zeros(3, dtype=torch.float64, device=device)
         stats_numel = masked_numel = launches = 0
         for key, b in buckets.items():
-            masked, frozen, stats, n, m, hyper, *_ = key
+            masked, frozen, stats, n, m, hyper, own_step, *_ = key
             lr, beta1, beta2, eps, wd, srste_decay = hyper
             scalars = reference.step_scalars(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd,
-                                             step=t, srste_decay=srste_decay)
+                                             step=own_step, srste_decay=srste_decay)
             part, n_launches = ops.fused_step(
                 self.backend, b.weights, b.grads, b.exp_avgs, b.seconds, b.outs,
                 masked=masked, frozen_v=frozen, n=n, m=m, group_dims=b.group_dims if masked else None,
@@ -485,6 +601,10 @@ class STEP(torch.optim.Optimizer):
                 stats_numel += b.numel
             if masked:
                 masked_numel += b.numel
+        for tensor, work in writebacks:
+            tensor.copy_(work)
+        for state in stepped:
+            state["step"] += 1
         # [sum |dv|, sum v, flips, numel of the statistics, numel masked], summed over ranks when the
         # statistics are used; the condition depends only on global state, so every rank agrees.
         phase = self._globals["phase"]
@@ -501,6 +621,8 @@ class STEP(torch.optim.Optimizer):
                 self._autoswitch(t, totals, int(totals[3].item()))
             elif t >= self.switch:
                 self._do_switch(t)
+        elif self.recipe == "step":
+            self._freeze_ready()
         return loss
 
     def _autoswitch(self, t: int, totals: Tensor, numel: int) -> None:
@@ -519,26 +641,69 @@ class STEP(torch.optim.Optimizer):
                                        t_min=t_min, t_max=t_max):
             self._do_switch(t)
 
+    def _reduce_per_tensor(self, rows: Tensor) -> Tensor:
+        """Sum per-tensor statistics (float64 ``[tensors, k]``) over the ranks that hold parts of
+        the same tensors: :meth:`_reduce_stats` applied to them (identity on one process).
+        Called on every rank with the same tensors."""
+        return self._reduce_stats(rows.flatten()).view_as(rows)
+
+    def _freeze(self, targets: List[Tuple[str, Tensor, Dict[str, Any]]]) -> int:
+        """Freeze the live v of ``targets`` into preconditioners (DESIGN.md section 4).
+
+        A target whose v is zero everywhere (no gradient, or only zeros, ever reached it) has
+        nothing to freeze: it keeps v and restarts its own step count (its m and v are a fresh
+        Adam's). In the others, coordinates with v == 0 get :func:`reference.unfed_preconditioner`
+        of their tensor. Returns this rank's number of coordinates of the frozen targets whose
+        ``sqrt(v_hat)`` is below ``precond_eps``.
+        """
+        if not targets:
+            return 0
+        rows = [torch.stack([torch.count_nonzero(_local(v)).to(torch.float64), _local(v).sum(dtype=torch.float64)])
+                for v in (self.state[p]["exp_avg_sq"] for _, p, _ in targets)]
+        totals = self._reduce_per_tensor(torch.stack(rows)).tolist()
+        floor = 0
+        for (_, p, group), (fed, v_sum) in zip(targets, totals):
+            state = self.state[p]
+            if fed == 0:
+                state["step"] = 0
+                continue
+            v = state["exp_avg_sq"]
+            beta2 = group["betas"][1]
+            count = max(state["step"], 1)  # >= 1 whenever v is nonzero; guards a hand-made state
+            unfed = reference.unfed_preconditioner(fed, v_sum, beta2=beta2, step=count, precond_eps=self.precond_eps)
+            floor += int(((_local(v).sqrt() / (1 - beta2**count) ** 0.5) < self.precond_eps).sum().item())
+            state["precond"] = reference.preconditioner(v, beta2=beta2, step=count, precond_eps=self.precond_eps,
+                                                        dtype=self.precond_dtype, unfed=unfed)
+            del state["exp_avg_sq"]
+        return floor
+
     def _do_switch(self, t: int) -> None:
         """End of step t: freeze v into the preconditioner, keep masters, mask the model."""
-        floor = 0
-        device = torch.device("cpu")
-        for _, p, group in self._targets():
-            device = _local(p).device
+        targets = list(self._targets())
+        device = _local(targets[0][1]).device if targets else torch.device("cpu")
+        floor = self._freeze(targets)
+        for _, p, group in targets:
             state = self.state[p]
-            v = state.pop("exp_avg_sq")
-            beta2 = group["betas"][1]
-            bc2_sqrt = (1 - beta2**t) ** 0.5
-            floor += int(((_local(v).sqrt() / bc2_sqrt) < self.precond_eps).sum().item())
-            state["precond"] = reference.preconditioner(v, beta2=beta2, step=t, precond_eps=self.precond_eps,
-                                                        dtype=self.precond_dtype)
             if "master" not in state:
-                state["master"] = p.detach().to(torch.float32, copy=True)
+                state["master"] = _fp32_master(p)
             self._write_masked(p, state["master"], group)
         floor = int(self._reduce_stats(torch.tensor([floor], dtype=torch.float64, device=device)).item())
         self._set_global("phase", "sparse")
         self._set_global("switch_step", t)
         self._set_global("precond_floor_count", floor)
+
+    def _freeze_ready(self) -> None:
+        """After a phase-2 step: freeze every target still on live v that has now taken
+        ``switch_step`` steps of its own (DESIGN.md section 4)."""
+        ready = []
+        for gi, group in enumerate(self.param_groups):
+            if not self._is_target(group):
+                continue
+            for i, p in enumerate(group["params"]):
+                state = self.state[p]
+                if "exp_avg_sq" in state and state["step"] >= self.switch_step:
+                    ready.append((self._param_name(group, gi, i), p, group))
+        self._freeze(ready)
 
     # -----------------------------------------------------------------------------------------
     # checkpoints
@@ -658,8 +823,10 @@ class STEP(torch.optim.Optimizer):
                 if unknown:
                     raise ValueError(f"{name}: state dict has unknown state {unknown[0]!r} (STEP keeps "
                                      f"{', '.join(STATE_KEYS)})")
+                # A target without a settled v at the switch keeps exp_avg_sq instead of precond.
+                frozen_here = frozen and ("exp_avg_sq" not in entry or "precond" in entry)
                 for key, spec in STATE_KEYS.items():
-                    required = spec.required(frozen, p.dtype != torch.float32 or masked)
+                    required = spec.required(frozen_here, p.dtype != torch.float32 or masked)
                     kind = "a target" if target else "a parameter that is not a target"
                     if key not in entry:
                         if required:
@@ -763,6 +930,7 @@ class STEP(torch.optim.Optimizer):
                 state["exp_avg"].copy_(entry["exp_avg"])
                 if "exp_avg_sq" in state:
                     state["exp_avg_sq"].copy_(entry["exp_avg_sq"])
+                state["step"] = step  # as AdamW's own count: every parameter with state has the same
         opt._set_global("step", step)
         return opt
 

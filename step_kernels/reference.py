@@ -31,6 +31,7 @@ precision by :func:`step_scalars` and rounded to fp32 where they meet a tensor, 
 
     Preconditioner at the switch (end of step t):
         p = 1 / (sqrt(v) / bc2_sqrt + precond_eps)     # stored in precond_dtype
+        p = unfed_preconditioner(...) where v == 0     # a coordinate no gradient ever reached
 
 The SR-STE term uses ``where`` rather than ``(1 - keep) * w`` so a kept NaN weight does not turn
 the gradient of its group into NaN (``0 * NaN`` is NaN); for finite weights the two are equal.
@@ -57,6 +58,7 @@ __all__ = [
     "adamw_step",
     "masked_step",
     "preconditioner",
+    "unfed_preconditioner",
     "AUTOSWITCH_RULES",
     "autoswitch_window",
     "autoswitch_z",
@@ -241,11 +243,33 @@ def masked_step(
 
 def preconditioner(
     exp_avg_sq: Tensor, *, beta2: float, step: int, precond_eps: float,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32, unfed: Optional[float] = None,
 ) -> Tensor:
-    """The frozen preconditioner at the end of step ``step``: ``1 / (sqrt(v_hat) + precond_eps)``."""
+    """The frozen preconditioner after ``step`` steps of ``v``: ``1 / (sqrt(v_hat) + precond_eps)``.
+
+    ``unfed``, when given, replaces it where ``v`` is exactly 0 (no gradient ever reached the
+    coordinate), which would otherwise get ``1 / precond_eps`` (DESIGN.md section 4; the optimizer
+    passes :func:`unfed_preconditioner`).
+    """
     bc2_sqrt = (1 - beta2**step) ** 0.5
-    return (1.0 / ((exp_avg_sq.sqrt() / bc2_sqrt).add_(precond_eps))).to(dtype)
+    p = 1.0 / ((exp_avg_sq.sqrt() / bc2_sqrt).add_(precond_eps))
+    if unfed is not None:
+        p = torch.where(exp_avg_sq == 0, torch.tensor(unfed, dtype=p.dtype, device=p.device), p)
+    return p.to(dtype)
+
+
+def unfed_preconditioner(fed: float, v_sum: float, *, beta2: float, step: int, precond_eps: float) -> float:
+    """The preconditioner of a coordinate whose ``v`` is 0 inside a tensor with ``fed`` nonzero
+    coordinates summing to ``v_sum``: that of the tensor's root-mean-square fed coordinate,
+    ``1 / (sqrt(v_sum / fed / (1 - beta2**step)) + precond_eps)``.
+
+    A coordinate that never saw a gradient then moves, once it gets one of typical size, by a
+    typical step of its tensor; ``1 / precond_eps`` would make that step ~1e6 times too large.
+    The RMS is at least the mean of ``sqrt(v_hat)``, so this is never larger than a typical
+    coordinate's preconditioner. Needs ``fed >= 1``.
+    """
+    bc2 = 1 - beta2**step
+    return 1.0 / (math.sqrt(v_sum / fed / bc2) + precond_eps)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,47 +1,102 @@
-"""Snapshots of a model and its optimizer, to show that a failed call changed nothing."""
+"""Snapshots of a model and an optimizer, to show that a failed call changed nothing.
+
+``snapshot(model, opt)`` copies everything a call could change: every parameter (values, dtype,
+shape, strides, device), its grad, every buffer, the optimizer's per-parameter state (tensors
+and Python values), its param groups (hyper-parameters, global keys, which parameters) and its
+public attributes; ``snapshot_state_dict(sd)`` copies a state dict. ``assert_same(a, b)``
+compares two snapshots bit for bit (NaNs equal to NaNs, -0.0 different from +0.0) and names the
+first entry that differs.
+"""
+
+import copy
+import math
 
 import torch
+
+PUBLIC_ATTRS = ("recipe", "switch_step", "phase", "step_count", "backend", "precond_eps", "precond_dtype",
+                "total_steps")
 
 
 def _copy(value):
     if isinstance(value, torch.Tensor):
-        return value.detach().clone()
+        t = value.detach()
+        if t.layout != torch.strided:  # a sparse grad: its layout and dense values
+            return ("tensor", t.dtype, tuple(t.shape), str(t.layout), str(t.device), t.to_dense())
+        return ("tensor", t.dtype, tuple(t.shape), t.stride(), str(t.device), t.clone())
+    return copy.deepcopy(value)
+
+
+def snapshot(model=None, opt=None):
+    """A nested dict of copies of ``model``'s parameters, grads and buffers and ``opt``'s state."""
+    out = {}
+    if model is not None:
+        out["params"] = {name: _copy(p) for name, p in model.named_parameters()}
+        out["grads"] = {name: _copy(p.grad) for name, p in model.named_parameters()}
+        out["buffers"] = {name: _copy(b) for name, b in model.named_buffers()}
+    if opt is not None:
+        params = [p for group in opt.param_groups for p in group["params"]]
+        out["opt_params"] = [_copy(p) for p in params]
+        out["opt_grads"] = [_copy(p.grad) for p in params]
+        out["state"] = [{key: _copy(value) for key, value in opt.state[p].items()} if p in opt.state else None
+                        for p in params]
+        # which tensors each group holds: the model's names for them (comparable across twin runs),
+        # else their identity
+        names = {id(p): name for name, p in model.named_parameters()} if model is not None else {}
+        out["param_groups"] = [{key: ([names.get(id(p), id(p)) for p in value] if key == "params" else _copy(value))
+                                for key, value in group.items()} for group in opt.param_groups]
+        out["attrs"] = {name: _copy(getattr(opt, name)) for name in PUBLIC_ATTRS if hasattr(opt, name)}
+    return out
+
+
+def snapshot_state_dict(state_dict):
+    """A copy of an optimizer ``state_dict()`` that :func:`assert_same` compares bit for bit."""
+    return {"state": {pid: {key: _copy(value) for key, value in entry.items()}
+                      for pid, entry in state_dict["state"].items()},
+            "param_groups": [{key: _copy(value) for key, value in group.items()}
+                             for group in state_dict["param_groups"]]}
+
+
+def _bits(t):
+    flat = t.reshape(-1)
+    return flat.view(torch.uint8) if flat.dtype != torch.bool else flat
+
+
+def _assert_value(a, b, where):
+    if isinstance(a, tuple) and a and a[0] == "tensor":
+        assert isinstance(b, tuple) and b and b[0] == "tensor", f"{where}: a tensor became {b!r}"
+        for label, x, y in zip(("dtype", "shape", "strides (or layout)", "device"), a[1:5], b[1:5]):
+            assert x == y, f"{where}: {label} changed from {x} to {y}"
+        if a[4] != "meta":  # meta tensors have no values
+            assert torch.equal(_bits(a[5]), _bits(b[5])), f"{where}: values changed"
+        return
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys changed from {sorted(map(str, a))} " \
+                                                         f"to {sorted(map(str, b)) if isinstance(b, dict) else b!r}"
+        for key in a:  # the order of keys is not state (torch's load_state_dict moves "params" last)
+            _assert_value(a[key], b[key], f"{where}[{key!r}]")
+        return
+    if isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), f"{where}: changed from {a!r} to {b!r}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_value(x, y, f"{where}[{i}]")
+        return
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return
+    assert type(a) is type(b) and a == b, f"{where}: changed from {a!r} to {b!r}"
+
+
+def _normalized(value):
+    """Tensors anywhere in ``value`` (dicts, lists, tuples) in the snapshot form ``_copy`` gives."""
+    if isinstance(value, torch.Tensor):
+        return _copy(value)
     if isinstance(value, dict):
-        return {key: _copy(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_copy(item) for item in value)
+        return {key: _normalized(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)) and not (isinstance(value, tuple) and value and value[0] == "tensor"):
+        return type(value)(_normalized(item) for item in value)
     return value
 
 
-def snapshot(model, opt=None):
-    """Everything a call could change, copied: the model's parameters and buffers by name, and the
-    optimizer's per-parameter state (by position in its param groups) and param groups (params as
-    the ids of the tensors they hold)."""
-    taken = {"model": {name: _copy(t) for name, t in model.state_dict(keep_vars=True).items()}}
-    if opt is not None:
-        params = [p for group in opt.param_groups for p in group["params"]]
-        taken["state"] = {i: _copy(dict(opt.state[p])) for i, p in enumerate(params) if p in opt.state}
-        taken["param_groups"] = [{key: [id(p) for p in value] if key == "params" else _copy(value)
-                                  for key, value in group.items()} for group in opt.param_groups]
-    return taken
-
-
-def assert_same(a, b, path="snapshot"):
-    """``a`` and ``b`` are bit-identical: same keys and python values; tensors with the same dtype,
-    shape, strides, device and bytes (NaNs included); NaN equals NaN among python floats."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor), f"{path}: tensor vs {type(b).__name__}"
-        assert (a.dtype, a.shape, a.stride(), a.device) == (b.dtype, b.shape, b.stride(), b.device), (
-            f"{path}: {a.dtype} {tuple(a.shape)} {a.stride()} {a.device} != "
-            f"{b.dtype} {tuple(b.shape)} {b.stride()} {b.device}")
-        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), f"{path}: values differ"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), f"{path}: keys {sorted(map(str, a))} != {sorted(map(str, b))}"
-        for key in a:
-            assert_same(a[key], b[key], f"{path}[{key!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), f"{path}: {a!r} != {b!r}"
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b or (a != a and b != b), f"{path}: {a!r} != {b!r}"  # a != a: NaN
+def assert_same(a, b, label="snapshot"):
+    """Assert that two snapshots (or tensors, or nests of them) are bit-identical; the message
+    names ``label`` and the first difference."""
+    _assert_value(_normalized(a), _normalized(b), label)

@@ -198,6 +198,44 @@ def test_dcp_round_trip_in_one_process_resumes_identically(kind, tmp_path):
     assert_same_run(common.summary(model, opt), want, "resumed")
 
 
+def test_dcp_round_trip_with_a_target_still_on_live_v(tmp_path):
+    """fc2.weight is frozen (no grad) through phase 1, so after the switch it steps with live v
+    until it has had switch_step steps of its own; a DCP checkpoint taken then holds its
+    exp_avg_sq, prepare_optimizer_for_load keeps that layout for it, and the run resumes exactly."""
+    def build():
+        model = common.build_model()
+        opt = DistributedSTEP(sk.sparse_param_groups(model, "2:4", weight_decay=0.01), lr=1e-2, betas=common.BETAS,
+                              switch=3, backend="reference")
+        return model, opt
+
+    def train(model, opt, start, stop):
+        for step in range(start, stop):
+            model.fc2.weight.requires_grad_(step >= 4)
+            opt.zero_grad()
+            common.loss_fn(model, *common.global_batch(step)).backward()
+            opt.step()
+
+    model, opt = build()
+    train(model, opt, 0, 6)
+    assert "exp_avg_sq" in opt.state[model.fc2.weight] and "precond" in opt.state[model.fc1.weight]
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp_path))
+    train(model, opt, 6, 12)
+    assert "precond" in opt.state[model.fc2.weight]
+    want = common.summary(model, opt)
+
+    model, opt = build()
+    assert prepare_optimizer_for_load(opt, str(tmp_path)) is True
+    assert "exp_avg_sq" in opt.state[model.fc2.weight] and "precond" in opt.state[model.fc1.weight]
+    model_sd, optim_sd = get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(tmp_path))
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    assert opt.state[model.fc2.weight]["step"] == 2
+    train(model, opt, 6, 12)
+    assert_same_run(common.summary(model, opt), want, "resumed")
+
+
 def test_prepare_for_load_leaves_a_phase1_checkpoint_alone(tmp_path):
     model = common.build_model()
     opt = common.make_optimizer(model, "fixed", cls=DistributedSTEP)
@@ -228,11 +266,15 @@ def test_fsdp2_matches_single_process(single, fsdp_dir):
             # state tensors are DTensors with the parameter's placement
             if kind == "srste_bf16":  # fp32 masters from the start, live v throughout
                 assert res[kind + "_state_placements"] == res[kind + "_final_placements"] == {
-                    "exp_avg": shard, "exp_avg_sq": shard, "master": shard}
-            else:
-                assert res[kind + "_state_placements"] == {"exp_avg": shard, "exp_avg_sq": shard}
-                assert res[kind + "_final_placements"] == {"exp_avg": shard, "precond": shard, "master": shard}
+                    "step": "plain", "exp_avg": shard, "exp_avg_sq": shard, "master": shard}
+            else:  # the per-parameter step count is a plain int on every rank
+                assert res[kind + "_state_placements"] == {"step": "plain", "exp_avg": shard, "exp_avg_sq": shard}
+                assert res[kind + "_final_placements"] == {"step": "plain", "exp_avg": shard, "precond": shard,
+                                                           "master": shard}
     assert single["srste_bf16"]["params"]["fc1.weight"].dtype == torch.bfloat16
+    # fc1.weight's 4 dead columns (v == 0) are at the floor and get the whole tensor's RMS p on
+    # every rank, not their shard's: the FSDP2 runs above match the single process exactly
+    assert single["unfed"]["precond_floor_count"] == 4 * 32
 
 
 def test_hsdp_2d_mesh_reduces_over_the_shard_dim_only(single, fsdp_dir):

@@ -26,6 +26,13 @@ def batch(step, device, vocab=64, ctx=16, size=4):
     return idx[:, :-1], idx[:, 1:]
 
 
+def same(a, b):
+    """Equal state values: tensors bit for bit (and dtype), Python values (the step count) by ==."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    return type(a) is type(b) and a == b
+
+
 def train_step(model, opt, step, device):
     opt.zero_grad(set_to_none=True)
     x, y = batch(step, device)
@@ -162,16 +169,17 @@ def test_conv1d_groups_run_along_dim0(n, m):
 
 
 @pytest.mark.parametrize("precond_eps,decays", [(1e-6, True), (1e-8, False)])
-def test_zero_v_coordinate_decays_under_srste(precond_eps, decays):
-    """A weight that saw no gradient in phase 1 has v = 0, so p = 1 / precond_eps. Pruned, its SR-STE
-    term must shrink it; with a 1e-8 floor the same term overshoots and it grows (DESIGN.md)."""
+def test_floor_coordinate_decays_under_srste(precond_eps, decays):
+    """A weight whose phase-1 gradients were ~0 (1e-9 here) has sqrt(v_hat) below the floor, so
+    p ~ 1 / precond_eps. Pruned, its SR-STE term must shrink it; with a 1e-8 floor the same term
+    overshoots and it grows (DESIGN.md section 4)."""
     lin = nn.Linear(4, 1, bias=False)
     with torch.no_grad():
         lin.weight.copy_(torch.tensor([[1.0, 0.9, 0.05, 0.8]]))
     opt = sk.STEP([{"params": [lin.weight], "sparsity": "2:4"}], switch=3, lr=1e-3, precond_eps=precond_eps,
                   backend="reference")
     for _ in range(3):
-        lin.weight.grad = torch.tensor([[0.1, 0.1, 0.0, 0.1]])
+        lin.weight.grad = torch.tensor([[0.1, 0.1, 1e-9, 0.1]])
         opt.step()
     assert opt.stats()["precond_floor_count"] == 1
     start = opt.state[lin.weight]["master"][0, 2].item()
@@ -185,6 +193,188 @@ def test_zero_v_coordinate_decays_under_srste(precond_eps, decays):
         assert max(abs(x) for x in trajectory[-10:]) < 0.2 * abs(start)
     else:
         assert max(abs(x) for x in trajectory) > 10 * abs(start)
+
+
+# ---------------------------------------------------------------------------------------------
+# targets without a settled v, steps without grads (DESIGN.md section 4; issue 12 item 1)
+# ---------------------------------------------------------------------------------------------
+
+
+class TwoBranch(nn.Module):
+    """Two 2:4 targets; branch ``b`` can be unused, frozen or multiplied by zero."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(8, 4, bias=False)
+        self.b = nn.Linear(8, 4, bias=False)
+
+    def loss(self, step, use_b=True, b_scale=1.0):
+        gen = torch.Generator().manual_seed(step)
+        x, y = torch.randn(16, 8, generator=gen), torch.randn(16, 4, generator=gen)
+        out = self.a(x) + (b_scale * self.b(x) if use_b else 0.0)
+        return (out - y).pow(2).mean()
+
+
+def expected_masked_step(state, grad, group, frozen):
+    """One masked step of a target computed by the reference on copies of its state, with the
+    target's own step count: (master, exp_avg, second) after it."""
+    w, m1 = state["master"].clone(), state["exp_avg"].clone()
+    second = (state["precond"] if frozen else state["exp_avg_sq"]).clone()
+    beta1, beta2 = group["betas"]
+    s = ref.step_scalars(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                         weight_decay=group["weight_decay"], step=state["step"] + 1,
+                         srste_decay=group["srste_decay"])
+    ref.masked_step(w, grad, m1, second, s, n=2, m=4, dim=1, frozen_v=frozen)
+    return w, m1, second
+
+
+def skip_unavailable(backend):
+    reason = sk.ops.backend_status(backend, torch.device("cpu"))
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("how", ["late_branch", "unfrozen_layer", "zero_grads", "added_after_switch"])
+def test_target_without_settled_v_steps_with_live_v_then_freezes(how, backend):
+    """A target no gradient (or only zeros) reached before the switch is not frozen with
+    p = 1 / precond_eps: it takes live-v masked steps with its own step count, is frozen after
+    switch_step steps of its own, and its weight moves by Adam-sized steps throughout."""
+    skip_unavailable(backend)
+    k, lr = 3, 1e-2
+    model = TwoBranch()
+    params_b = [] if how == "added_after_switch" else [model.b.weight]
+    opt = sk.STEP([{"params": [model.a.weight] + params_b, "sparsity": "2:4"}], lr=lr, switch=k, backend=backend)
+    if how == "unfrozen_layer":
+        model.b.weight.requires_grad_(False)
+    for step in range(k):
+        opt.zero_grad()
+        model.loss(step, use_b=how in ("unfrozen_layer", "zero_grads"),
+                   b_scale=0.0 if how == "zero_grads" else 1.0).backward()
+        opt.step()
+    assert opt.phase == "sparse" and opt.switch_step == k
+    if how == "added_after_switch":
+        opt.add_param_group({"params": [model.b.weight], "sparsity": "2:4"})
+    model.b.weight.requires_grad_(True)
+    state_b = opt.state[model.b.weight]
+    assert "precond" not in state_b and state_b["step"] == 0  # zero grads: its count restarted
+    assert torch.equal(state_b["exp_avg_sq"], torch.zeros(4, 8)) and "precond" in opt.state[model.a.weight]
+    group = opt.param_groups[-1]
+    for step in range(k, 2 * k + 2):
+        opt.zero_grad()
+        model.loss(step).backward()
+        frozen = "precond" in state_b
+        assert frozen == (step >= 2 * k)  # frozen at the end of its k-th own step
+        w, m1, second = expected_masked_step(state_b, model.b.weight.grad, group, frozen)
+        before = state_b["master"].clone()
+        opt.step()
+        tol = dict(rtol=0, atol=0) if backend == "reference" else dict(rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(state_b["master"], w, **tol)
+        torch.testing.assert_close(state_b["exp_avg"], m1, **tol)
+        keep = ref.nm_mask(state_b["master"], 2, 4, 1)
+        assert torch.equal(model.b.weight.detach(), torch.where(keep, state_b["master"], torch.zeros(())))
+        assert (state_b["master"] - before).abs().max() < 3 * lr  # Adam-sized, not 1e6 x lr
+        if step == 2 * k - 1:  # frozen now: p of its own v after k own steps
+            expected_p = ref.preconditioner(second, beta2=0.999, step=k, precond_eps=1e-6)
+            assert "exp_avg_sq" not in state_b and state_b["step"] == k
+            torch.testing.assert_close(state_b["precond"], expected_p, rtol=1e-6, atol=0)
+    assert opt.stats()["precond_floor_count"] == 0
+
+
+def test_unfed_coordinates_of_a_fed_target_get_the_tensors_rms_preconditioner():
+    """Input feature 5 is 0 during phase 1: column 5 of the weight has v == 0 exactly. Its p is
+    that of the tensor's RMS v (computed here in double), the others' p is unchanged, and when
+    the feature comes alive the weight moves by a step of typical size instead of jumping."""
+    k, lr = 4, 1e-2
+    lins, opts = [], []
+    for switch in (k, 100):  # the second never switches: it shows the v the first one froze
+        torch.manual_seed(0)
+        lins.append(nn.Linear(8, 4, bias=False))
+        opts.append(sk.STEP([{"params": [lins[-1].weight], "sparsity": "2:4"}], lr=lr, switch=switch,
+                            backend="reference"))
+    for step in range(k):
+        gen = torch.Generator().manual_seed(step)
+        x = torch.randn(16, 8, generator=gen)
+        x[:, 5] = 0.0
+        for lin, opt in zip(lins, opts):
+            opt.zero_grad()
+            lin(x).pow(2).mean().backward()
+            opt.step()
+    lin, opt = lins[0], opts[0]
+    v = opts[1].state[lins[1].weight]["exp_avg_sq"].double()
+    fed = v != 0
+    assert int((~fed).sum()) == 4 and bool((~fed[:, 5]).all())
+    p = opt.state[lin.weight]["precond"]
+    assert opt.stats()["precond_floor_count"] == 4  # the unfed coordinates are the ones below the floor
+    rms = math.sqrt(v[fed].mean().item() / (1 - 0.999**k))
+    torch.testing.assert_close(p[:, 5], torch.full((4,), 1 / (rms + 1e-6), dtype=torch.float32), rtol=1e-6, atol=0)
+    torch.testing.assert_close(p[fed], ref.preconditioner(v.float(), beta2=0.999, step=k, precond_eps=1e-6)[fed],
+                               rtol=0, atol=0)
+    assert p[:, 5].max() <= p[fed].max()  # the RMS is at least the smallest fed sqrt(v_hat)
+    before = opt.state[lin.weight]["master"].clone()
+    x = torch.zeros(16, 8)
+    x[:, 5] = 1.0
+    opt.zero_grad()
+    lin(x).pow(2).mean().backward()
+    w, _, _ = expected_masked_step(opt.state[lin.weight], lin.weight.grad, opt.param_groups[0], frozen=True)
+    opt.step()
+    assert torch.equal(opt.state[lin.weight]["master"], w)
+    assert (w - before).abs().max() < 3 * lr
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("recipe,switch", [("step", None), ("step", 3), ("srste", None), ("dense", None)])
+def test_step_without_grads_changes_nothing_and_counts_nowhere(recipe, switch, backend):
+    """As in torch's optimizers: no t, no AutoSwitch sample, no switch (at t = switch - 1 here),
+    nothing written. A run with such steps interleaved equals a run without them."""
+    from helpers_state import assert_same, snapshot
+
+    skip_unavailable(backend)
+    runs = []
+    for idle in (False, True):
+        model = TwoBranch()
+        opt = sk.STEP(sk.sparse_param_groups(model, exclude=[]), recipe=recipe, backend=backend,
+                      switch=sk.AutoSwitch(threshold=1.0, rule="absolute") if switch is None else switch, betas=(0.9, 0.5))
+        for step in range(6):
+            if idle:
+                opt.zero_grad(set_to_none=True)
+                before = snapshot(model, opt)
+                assert opt.step() is None
+                assert_same(before, snapshot(model, opt))
+            opt.zero_grad()
+            model.loss(step).backward()
+            opt.step()
+        runs.append(snapshot(model, opt))
+        if recipe == "step":  # the switch happened after real step 2 (AutoSwitch: window of 2) or 3
+            assert opt.switch_step == (2 if switch is None else 3)
+            assert len(opt.stats()["z_history"]) == opt.switch_step * (switch is None)
+    assert_same(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("recipe", ["dense", "step"])
+def test_parameters_that_skip_steps_match_adamw_per_parameter_counts(recipe):
+    """torch.optim.AdamW counts steps per parameter (only those with a grad) and bias-corrects
+    with that count; so does STEP (phase 1 / dense), bit for bit on the reference backend."""
+    model = TwoBranch()
+    peer_model = TwoBranch()
+    opt = sk.STEP(sk.sparse_param_groups(model, exclude=[]), lr=1e-2, weight_decay=0.1, recipe=recipe,
+                  switch=100, backend="reference")
+    peer = torch.optim.AdamW(peer_model.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    for step in range(8):
+        use_b = step >= 3  # b first gets a grad at step 3
+        for mdl, o in ((model, opt), (peer_model, peer)):
+            o.zero_grad(set_to_none=True)
+            mdl.loss(step, use_b=use_b).backward()
+            if step == 5:
+                mdl.a.weight.grad = None  # a skips one step
+            o.step()
+    for (name, p), q in zip(model.named_parameters(), peer_model.parameters()):
+        assert torch.equal(p, q), name
+        assert opt.state[p]["step"] == int(peer.state[q]["step"]) == {"a.weight": 7, "b.weight": 5}[name]
+        assert torch.equal(opt.state[p]["exp_avg"], peer.state[q]["exp_avg"]), name
+        assert torch.equal(opt.state[p]["exp_avg_sq"], peer.state[q]["exp_avg_sq"]), name
+    assert opt.step_count == 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,8 +477,7 @@ def test_resume_is_bit_identical(dtype, stop_at, device):
         sa, sc = opt_a.state[pa], opt_c.state[pc]
         assert sa.keys() == sc.keys()
         for key in sa:
-            assert sa[key].dtype == sc[key].dtype
-            assert torch.equal(sa[key], sc[key]), key
+            assert same(sa[key], sc[key]), key
 
 
 def test_load_keeps_fp32_state_for_bf16_model():
@@ -327,7 +516,7 @@ def test_gradscaler_scaled_step_equals_unscaled_and_nan_step_counts_nowhere():
     for pa, pb in zip(model_a.parameters(), model_b.parameters()):
         assert torch.equal(pa, pb)
         for key in opt_a.state[pa]:
-            assert torch.equal(opt_a.state[pa][key], opt_b.state[pb][key])
+            assert same(opt_a.state[pa][key], opt_b.state[pb][key])
     before_params = [p.detach().clone() for p in model_b.parameters()]
     before_state = copy.deepcopy(opt_b.state_dict())
     opt_b.zero_grad()
@@ -342,7 +531,7 @@ def test_gradscaler_scaled_step_equals_unscaled_and_nan_step_counts_nowhere():
     for pid, state in before_state["state"].items():
         p = [q for g in opt_b.param_groups for q in g["params"]][pid]
         for key, value in state.items():
-            assert torch.equal(opt_b.state[p][key], value)
+            assert same(opt_b.state[p][key], value)
 
 
 def test_lr_scheduler_and_closure_match_adamw():
@@ -377,7 +566,7 @@ def test_add_param_group_creates_state_and_bad_group_is_not_added():
     a, b = nn.Linear(8, 4), nn.Linear(8, 4)
     opt = sk.STEP([{"params": [a.weight], "sparsity": "2:4"}], recipe="srste", backend="reference")
     opt.add_param_group({"params": [b.weight], "sparsity": "1:4"})
-    assert set(opt.state[b.weight]) == {"exp_avg", "exp_avg_sq", "master"}
+    assert set(opt.state[b.weight]) == {"step", "exp_avg", "exp_avg_sq", "master"}
     assert ((b.weight != 0).view(-1, 4).sum(-1) == 1).all()
     with pytest.raises(ValueError, match=r"param_groups\[2\]\['params'\]\[0\]: input size 6 .* by M=4"):
         opt.add_param_group({"params": [nn.Linear(6, 4).weight], "sparsity": "2:4"})
@@ -484,7 +673,7 @@ def test_bad_grad_fails_before_anything_changes():
     opt_params = [q for g in opt.param_groups for q in g["params"]]
     for pid, st in state_before["state"].items():
         for key, value in st.items():
-            assert torch.equal(opt.state[opt_params[pid]][key], value)
+            assert same(opt.state[opt_params[pid]][key], value)
 
 
 def test_state_dict_from_another_config_is_rejected_and_changes_nothing():
@@ -505,7 +694,7 @@ def test_state_dict_from_another_config_is_rejected_and_changes_nothing():
     assert now["param_groups"][0]["phase"] == "sparse"
     for pid, st in snapshot["state"].items():
         for key, value in st.items():
-            assert torch.equal(now["state"][pid][key], value)
+            assert same(now["state"][pid][key], value)
 
 
 def test_explicit_backend_never_falls_back(monkeypatch):
@@ -528,3 +717,202 @@ def test_stats_keys_and_launch_counts():
     assert stats["sparsity"] == pytest.approx(0.5, abs=10.0 / target_numel)
     assert stats["kernel_launches"] == len(list(model.parameters()))  # reference: one per tensor
     assert n_targets == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.optim conventions, as torch's generic optimizer tests check them (issue 12 item 8)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_tensor_lr_is_one_element_as_in_torch():
+    """A multi-element tensor lr is the ValueError torch's own AdamW raises; a one-element one
+    steps exactly as the same float."""
+    params = [nn.Parameter(torch.randn(4, 8))]
+    with pytest.raises(ValueError, match="Tensor lr must be 1-element") as peer_error:
+        torch.optim.AdamW(params, lr=torch.tensor([1e-3, 1e-3]), foreach=False)
+    with pytest.raises(ValueError, match="Tensor lr must be 1-element") as ours:
+        sk.STEP(params, lr=torch.tensor([1e-3, 1e-3]))
+    assert type(ours.value) is type(peer_error.value)
+    runs = []
+    for lr in (3e-3, torch.tensor(3e-3, dtype=torch.float64)):
+        model = TwoBranch()
+        opt = sk.STEP(sk.sparse_param_groups(model, exclude=[]), lr=lr, switch=2, backend="reference")
+        for step in range(4):
+            opt.zero_grad()
+            model.loss(step).backward()
+            opt.step()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_step_hooks_run_around_every_step():
+    model = TwoBranch()
+    opt = sk.STEP(sk.sparse_param_groups(model, exclude=[]), switch=1, backend="reference")
+    calls = []
+
+    def pre(o, args, kwargs):  # args are step's own: (the optimizer,)
+        calls.append(("pre", o.step_count, args == (opt,), kwargs))
+
+    def post(o, args, kwargs):
+        calls.append(("post", o.step_count, args == (opt,), kwargs))
+
+    handles = [opt.register_step_pre_hook(pre), opt.register_step_post_hook(post)]
+    opt.zero_grad()
+    model.loss(0).backward()
+    opt.step()
+    opt.zero_grad()
+    opt.step()  # no grads: hooks still run (as torch's), nothing counts
+    assert calls == [("pre", 0, True, {}), ("post", 1, True, {}), ("pre", 1, True, {}), ("post", 1, True, {})]
+    for handle in handles:
+        handle.remove()
+    model.loss(1).backward()
+    opt.step()
+    assert len(calls) == 4 and opt.step_count == 2
+
+
+def test_a_pre_hook_that_sets_lr_acts_on_that_step():
+    runs = []
+    for via_hook in (False, True):
+        model = TwoBranch()
+        opt = sk.STEP(sk.sparse_param_groups(model, exclude=[]), lr=1e-2, switch=2, backend="reference")
+        if via_hook:
+            def decay_lr(o, args, kwargs):
+                for g in o.param_groups:
+                    g["lr"] = 1e-2 / (1 + o.step_count)
+
+            opt.register_step_pre_hook(decay_lr)
+        for step in range(4):
+            if not via_hook:
+                for g in opt.param_groups:
+                    g["lr"] = 1e-2 / (1 + step)
+            opt.zero_grad()
+            model.loss(step).backward()
+            opt.step()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_state_dict_and_load_state_dict_hooks_run():
+    model = TwoBranch()
+    opt = sk.STEP(sk.sparse_param_groups(model, exclude=[]), switch=1, backend="reference")
+    opt.zero_grad()
+    model.loss(0).backward()
+    opt.step()
+    seen = []
+    opt.register_state_dict_pre_hook(lambda o: seen.append("sd_pre"))
+
+    def sd_post(o, sd):
+        seen.append("sd_post")
+        sd["param_groups"][0]["note"] = "from a hook"
+        return sd
+
+    opt.register_state_dict_post_hook(sd_post)
+    sd = opt.state_dict()
+    assert seen == ["sd_pre", "sd_post"] and sd["param_groups"][0]["note"] == "from a hook"
+
+    other_model = TwoBranch()
+    other = sk.STEP(sk.sparse_param_groups(other_model, exclude=[]), switch=1, backend="reference")
+
+    def load_pre(o, state_dict):
+        seen.append("load_pre")
+        state_dict = copy.deepcopy(state_dict)
+        state_dict["param_groups"][0]["lr"] = 0.5
+        return state_dict
+
+    other.register_load_state_dict_pre_hook(load_pre)
+    other.register_load_state_dict_post_hook(lambda o: seen.append(("load_post", o.phase, o.step_count)))
+    other.load_state_dict(sd)
+    assert seen[2:] == ["load_pre", ("load_post", "sparse", 1)]
+    assert other.param_groups[0]["lr"] == 0.5 and opt.param_groups[0]["lr"] == 1e-3
+
+
+def test_repr_lists_every_group_and_its_hyper_parameters():
+    model = TwoBranch()
+    opt = sk.STEP([{"params": [model.a.weight], "sparsity": "2:4", "lr": 5e-3}, {"params": [model.b.weight]}],
+                  switch=1, backend="reference")
+    for step in range(2):
+        text = repr(opt)
+        assert text.startswith("STEP (") and text.endswith(")")
+        assert "Parameter Group 0" in text and "Parameter Group 1" in text and "Parameter Group 2" not in text
+        assert "    lr: 0.005\n" in text and "    lr: 0.001\n" in text and "    sparsity: 2:4\n" in text
+        assert f"    phase: {opt.phase}\n" in text and str(opt) == text
+        opt.zero_grad()
+        model.loss(step).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_state_dict_is_deterministic_and_round_trips(backend):
+    """Two identical runs give identical state dicts (keys, order, values, bit for bit); a state
+    dict loaded into a fresh optimizer comes back out unchanged, and both continue identically."""
+    from helpers_state import assert_same, snapshot, snapshot_state_dict
+
+    def run():
+        model = TwoBranch()
+        opt = sk.STEP(sk.sparse_param_groups(model, exclude=[]), switch=2, backend=backend)
+        for step in range(3):
+            opt.zero_grad()
+            model.loss(step).backward()
+            opt.step()
+        return model, opt
+
+    (model_a, opt_a), (model_b, opt_b) = run(), run()
+    saved = snapshot_state_dict(opt_a.state_dict())
+    assert_same(saved, snapshot_state_dict(opt_b.state_dict()))
+    assert_same(saved, snapshot_state_dict(opt_a.state_dict()))
+    model_c = TwoBranch()
+    model_c.load_state_dict(model_a.state_dict())
+    opt_c = sk.STEP(sk.sparse_param_groups(model_c, exclude=[]), switch=2, backend=backend)
+    opt_c.load_state_dict(copy.deepcopy(opt_a.state_dict()))
+    assert_same(saved, snapshot_state_dict(opt_c.state_dict()))
+    for model, opt in ((model_a, opt_a), (model_c, opt_c)):
+        opt.zero_grad()
+        model.loss(3).backward()
+        opt.step()
+    assert_same(snapshot(model_a, opt_a), snapshot(model_c, opt_c))
+
+
+def test_param_groups_hyper_parameters_and_added_groups_match_adamw():
+    """Per-group lr and weight decay, changed mid-run, and a group added mid-run: recipe "dense"
+    against torch.optim.AdamW doing the same, bit for bit on the reference backend."""
+    model, peer_model = TwoBranch(), TwoBranch()
+    extra = nn.Parameter(torch.randn(4, 8))
+    peer_extra = nn.Parameter(extra.detach().clone())
+    opt = sk.STEP([{"params": [model.a.weight], "lr": 2e-2, "weight_decay": 0.1}, {"params": [model.b.weight]}],
+                  recipe="dense", lr=1e-2, backend="reference")
+    peer = torch.optim.AdamW([{"params": [peer_model.a.weight], "lr": 2e-2, "weight_decay": 0.1},
+                              {"params": [peer_model.b.weight]}], lr=1e-2, weight_decay=0.0, foreach=False)
+    for step in range(6):
+        if step == 2:
+            for o in (opt, peer):
+                o.param_groups[1]["lr"] = 5e-3
+                o.param_groups[0]["betas"] = (0.8, 0.99)
+        if step == 3:
+            opt.add_param_group({"params": [extra], "weight_decay": 0.05})
+            peer.add_param_group({"params": [peer_extra], "weight_decay": 0.05})
+        for mdl, o, e in ((model, opt, extra), (peer_model, peer, peer_extra)):
+            o.zero_grad()
+            mdl.loss(step).backward()
+            e.grad = torch.full_like(e, 0.1 * (step + 1))
+            o.step()
+    for p, q in ((model.a.weight, peer_model.a.weight), (model.b.weight, peer_model.b.weight), (extra, peer_extra)):
+        assert torch.equal(p, q)
+        assert opt.state[p]["step"] == int(peer.state[q]["step"])
+    assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in peer.param_groups]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("recipe", ["step", "srste"])
+def test_grads_are_never_written_into(recipe, backend):
+    skip_unavailable(backend)
+    model = TwoBranch()
+    opt = sk.STEP(sk.sparse_param_groups(model, exclude=[]), recipe=recipe, switch=1, backend=backend)
+    for step in range(3):  # phase 1, the switch, phase 2
+        opt.zero_grad()
+        model.loss(step).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        opt.step()
+        for p, g in zip(model.parameters(), grads):
+            assert torch.equal(p.grad, g)

@@ -35,29 +35,35 @@ class Conv1D(nn.Module):
 
 
 class Net(nn.Module):
-    """Linear (groups along dim 1) -> Conv1D (groups along dim 0) -> Linear -> head (dense)."""
+    """Linear (groups along dim 1) -> Conv1D (groups along dim 0) -> Linear -> head (dense).
 
-    def __init__(self, width=16, hidden=32):
+    ``dead_inputs`` input features are zeroed: those columns of fc1.weight never get a gradient
+    (v == 0 in a fed tensor, whose preconditioner comes from the whole tensor's v)."""
+
+    def __init__(self, width=16, hidden=32, dead_inputs=0):
         super().__init__()
+        self.dead_inputs = dead_inputs
         self.fc1 = nn.Linear(width, hidden)
         self.proj = Conv1D(width, hidden)
         self.fc2 = nn.Linear(width, width)
         self.head = nn.Linear(width, 4)
 
     def forward(self, x):
+        if self.dead_inputs:
+            x = torch.cat([torch.zeros_like(x[:, :self.dead_inputs]), x[:, self.dead_inputs:]], dim=1)
         h = torch.tanh(self.fc1(x))
         h = torch.tanh(self.proj(h))
         return self.head(torch.tanh(self.fc2(h)))
 
 
 # Run kinds: "fixed" and "auto" (recipe "step", fp32); "srste_bf16" (recipe "srste", a bf16 model
-# with fp32 masters, masked from the first step).
-KINDS = ("fixed", "auto", "srste_bf16")
+# with fp32 masters, masked from the first step); "unfed" ("fixed" with 4 dead input features).
+KINDS = ("fixed", "auto", "srste_bf16", "unfed")
 
 
 def build_model(kind="fixed", seed=0):
     torch.manual_seed(seed)
-    return Net().to(torch.bfloat16 if kind == "srste_bf16" else torch.float32)
+    return Net(dead_inputs=4 if kind == "unfed" else 0).to(torch.bfloat16 if kind == "srste_bf16" else torch.float32)
 
 
 def global_batch(step):
@@ -81,7 +87,7 @@ def loss_fn(model, x, y):
 
 def switch_arg(kind):
     """The optimizer's ``switch`` for a run kind: a fixed step, or an AutoSwitch."""
-    if kind == "fixed":
+    if kind in ("fixed", "unfed"):
         return SWITCH
     # Threshold read off a single-process run's Z history: the 10-step window mean is 1.13e-5,
     # 1.02e-5 and 9.6e-6 at steps 10, 11 and 12, so it switches at step 12 with margins of 2-4%,
