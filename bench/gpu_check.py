@@ -366,6 +366,11 @@ def test_outcome(line: str) -> Optional[Tuple[str, str]]:
     return None
 
 
+def gpu_env() -> Dict[str, str]:
+    """This environment without ``TRITON_INTERPRET``: the kernels must run compiled, on the GPU."""
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
 def build_stage(timeout_s: float, results: Results) -> Optional[int]:
     """Build the extension in place (offline), install editable only if needed, check CUDA ops."""
     log = os.path.join(results.out, "build.log")
@@ -396,8 +401,7 @@ def correctness_stage(timeout_s: float, results: Results) -> Optional[int]:
         print("pytest-xdist not installed: the tests run in one process")
     if importlib.util.find_spec("megatron") is None:
         print("megatron-core not installed: its GPU tests are skipped")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 16) // max(1, workers)))
+    env = dict(gpu_env(), OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 16) // max(1, workers))))
     last_write = [0.0]
 
     def on_line(line: str) -> None:
@@ -422,7 +426,7 @@ def bench_stage(name: str, timeout_s: float, results: Results) -> Optional[int]:
             results.write()
 
     cmd = [sys.executable, "-m", "bench.gpu_check", "--bench", name]
-    return run_streamed(cmd, dict(os.environ), timeout_s, os.path.join(results.out, f"{name}.log"), on_line)
+    return run_streamed(cmd, gpu_env(), timeout_s, os.path.join(results.out, f"{name}.log"), on_line)
 
 
 def bench_main(name: str) -> int:
