@@ -57,12 +57,16 @@ def _copy_ms(nbytes: int, device: torch.device) -> float:
     return _bench(lambda: dst.copy_(src))
 
 
-def run(device: torch.device, quick: bool, progress: Callable[[str], None] = print) -> List[Dict]:
-    """One row per case: median ms, GB/s, share of the copy of the same bytes, time vs fused AdamW."""
+def run(device: torch.device, quick: bool, progress: Callable[[str], None] = print,
+        count: Optional[int] = None) -> List[Dict]:
+    """One row per case: median ms, GB/s, share of the copy of the same bytes, time vs fused AdamW.
+
+    ``count`` [4096, 1024] tensors are stepped (default 16, 4 when ``quick``; 64 is 256M params).
+    """
     from step_kernels import reference as ref
     from step_kernels.triton_kernels.fused_step import fused_step
 
-    count = 4 if quick else 16
+    count = count or (4 if quick else 16)
     params = count * SHAPE[0] * SHAPE[1]
     gen = torch.Generator(device=device).manual_seed(0)
     scalars = ref.step_scalars(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=100,

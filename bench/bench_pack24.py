@@ -64,13 +64,14 @@ def _cases(dense: torch.Tensor, pruned: torch.Tensor) -> Dict[str, Callable[[], 
     return cases
 
 
-def run(device: torch.device, quick: bool, progress: Callable[[str], None] = print) -> List[Dict]:
-    """Time every case for each shape and dtype on ``device``."""
+def run(device: torch.device, quick: bool, progress: Callable[[str], None] = print,
+        shapes: Optional[List[tuple]] = None) -> List[Dict]:
+    """Time every case for each shape (default ``shapes_for(device, quick)``) and dtype on ``device``."""
     from step_kernels import pack24
 
     reps = (10 if quick else 50) if device.type == "cuda" else (3 if quick else 5)
     results = []
-    for rows, cols in shapes_for(device, quick):
+    for rows, cols in shapes or shapes_for(device, quick):
         for dtype in (torch.float16, torch.bfloat16, torch.int8):
             gen = torch.Generator().manual_seed(0)
             if dtype == torch.int8:

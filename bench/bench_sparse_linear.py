@@ -38,13 +38,15 @@ def skip_reason(device: torch.device) -> Optional[str]:
     return None
 
 
-def run(device: torch.device, quick: bool, progress: Callable[[str], None] = print) -> List[Dict]:
-    """Dense vs 2:4 sparse time and TFLOP/s for each shape and dtype."""
+def run(device: torch.device, quick: bool, progress: Callable[[str], None] = print,
+        shapes: Optional[List[tuple]] = None) -> List[Dict]:
+    """Dense vs 2:4 sparse time and TFLOP/s for each (tokens, in, out) shape (default ``SHAPES``,
+    ``QUICK_SHAPES`` when ``quick``) and dtype."""
     from step_kernels.export import to_sparse_semi_structured
     from step_kernels.reference import nm_prune
 
     results = []
-    for tokens, d_in, d_out in QUICK_SHAPES if quick else SHAPES:
+    for tokens, d_in, d_out in shapes or (QUICK_SHAPES if quick else SHAPES):
         for dtype in (torch.float16, torch.bfloat16):
             gen = torch.Generator(device=device).manual_seed(0)
             x = torch.randn(tokens, d_in, device=device, dtype=dtype, generator=gen)
