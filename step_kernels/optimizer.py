@@ -904,6 +904,11 @@ class STEP(torch.optim.Optimizer):
         ``adamw_state_dict`` is ``AdamW.state_dict()`` of an optimizer built over
         ``model.parameters()`` (in that order). Its ``exp_avg``, ``exp_avg_sq`` and step count
         become STEP's ``m``, ``v`` and ``t``; the phase-1 clock and AutoSwitch start from there.
+        AutoSwitch's bounds and ``switch=k`` count that global step: the defaults derived from
+        ``total_steps`` (10% and 50% of it) lie before the AdamW run's step count for any
+        fine-tuning shorter than the pretraining, so pass explicit bounds, e.g.
+        ``switch=AutoSwitch(min_step=t0 + n // 10, max_step=t0 + n // 2)`` for ``n`` fine-tuning
+        steps after ``t0`` AdamW steps (``bench/accuracy``'s fine-tuning task does).
         Other keyword arguments go to :class:`STEP`; ``lr``, ``betas`` and ``eps`` default to the
         AdamW run's. ``weight_decay`` does not: it is STEP's default, 0.0, unless given (DESIGN.md
         section 4). The AdamW state is checked before anything is built: a state that does not
