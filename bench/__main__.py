@@ -2,8 +2,11 @@
 
 Writes ``bench/results/<machine>.json`` (machine, versions, git commit, every result row) and
 ``bench/results/<machine>.md`` (one table per benchmark) plus a PNG plot per benchmark that has
-one, then copies every machine's report into README.md (``bench/readme.py``). ``--quick`` keeps
-sizes small (under 3 minutes on 2 CPU cores); ``--only a,b`` picks benchmarks by name.
+one. ``--quick`` keeps sizes small (under 3 minutes on 2 CPU cores) and writes
+``<machine>-quick.*`` instead, so a quick look never replaces a machine's full results;
+``--only a,b`` picks benchmarks by name. Nothing outside the output folder changes unless
+``--write-docs`` is given (full runs only): then every machine's full report is copied into the
+published tables (the README's benchmark section, ``bench/readme.py``).
 """
 
 from __future__ import annotations
@@ -35,7 +38,11 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument("--only", default=None, help="comma-separated benchmark names")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=RESULTS_DIR, help="directory for the .json, .md and .png files")
+    parser.add_argument("--write-docs", action="store_true",
+                        help="after a full run, copy every machine's report into the README's benchmark section")
     args = parser.parse_args(argv)
+    if args.write_docs and (args.quick or args.only):
+        parser.error("--write-docs publishes full runs only: drop --quick and --only")
     device = torch.device(args.device)
     modules = [importlib.import_module(name) for name in MODULES]
     if args.only:
@@ -46,6 +53,7 @@ def main(argv: List[str] = None) -> int:
         modules = [m for m in modules if m.NAME in wanted]
 
     machine = machine_name(device)
+    stem = f"{machine}-quick" if args.quick else machine
     meta = {
         "machine": machine, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
@@ -76,18 +84,18 @@ def main(argv: List[str] = None) -> int:
         sections.append(f"## {module.NAME}\n\n{(module.__doc__ or '').strip().splitlines()[0]}\n\n"
                         f"{module.to_markdown(rows)}\n")
         if hasattr(module, "plot") and rows:
-            png = os.path.join(args.out, f"{machine}-{module.NAME}.png")
+            png = os.path.join(args.out, f"{stem}-{module.NAME}.png")
             module.plot(rows, png)
             sections.append(f"![{module.NAME}]({os.path.basename(png)})\n")
         print(f"[{module.NAME}] {seconds:.0f} s", flush=True)
-    json_path = os.path.join(args.out, f"{machine}.json")
-    md_path = os.path.join(args.out, f"{machine}.md")
+    json_path = os.path.join(args.out, f"{stem}.json")
+    md_path = os.path.join(args.out, f"{stem}.md")
     with open(json_path, "w") as f:
         json.dump(report, f, indent=1, default=str)
     with open(md_path, "w") as f:
         f.write("\n".join(sections))
     print(f"wrote {json_path} and {md_path}")
-    if os.path.abspath(args.out) == os.path.abspath(RESULTS_DIR) and readme.update_readme():
+    if args.write_docs and readme.update_readme(results_dir=args.out):
         print(f"updated the bench section of {readme.README}")
     return 0
 

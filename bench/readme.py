@@ -3,7 +3,8 @@
 Every ``bench/results/<machine>.md`` written by ``python -m bench`` goes, in machine-name order,
 between the README's ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` markers, its headings
 moved two levels down (the report's title becomes a ``###``) and its plot links made relative to
-the repository root. ``python -m bench`` runs this at the end of every run.
+the repository root; quick runs (``<machine>-quick.md``) are left out. ``python -m bench
+--write-docs`` runs this after a full run.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def render(results_dir: str = RESULTS_DIR, root: str = os.path.dirname(README)) 
     """The README section: every machine's report, headings demoted, plot paths from ``root``."""
     prefix = os.path.relpath(results_dir, root).replace(os.sep, "/")
     parts = []
-    for path in sorted(glob.glob(os.path.join(results_dir, "*.md"))):
+    for path in sorted(p for p in glob.glob(os.path.join(results_dir, "*.md")) if not p.endswith("-quick.md")):
         with open(path) as f:
             text = f.read().strip()
         text = re.sub(r"^(#+) ", lambda m: "#" * min(len(m.group(1)) + 2, 6) + " ", text, flags=re.M)

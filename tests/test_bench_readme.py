@@ -29,3 +29,28 @@ def test_readme_without_markers_is_left_alone(tmp_path):
     readme_md = _write(tmp_path / "README.md", "no markers here\n")
     assert readme.update_readme(str(readme_md), str(results)) is False
     assert readme_md.read_text() == "no markers here\n"
+
+
+def test_a_quick_run_writes_its_own_files_and_leaves_the_readme_alone(tmp_path, monkeypatch):
+    import pytest
+
+    from bench import __main__ as driver
+
+    written = []
+    monkeypatch.setattr(readme, "update_readme", lambda *a, **k: written.append(k) or True)
+    assert driver.main(["--quick", "--only", "pack24", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names and all(name.endswith(("-quick.json", "-quick.md")) or "-quick-" in name for name in names)
+    assert written == []
+    with pytest.raises(SystemExit):
+        driver.main(["--quick", "--write-docs", "--out", str(tmp_path)])
+    assert written == []
+
+
+def test_quick_reports_are_not_published(tmp_path):
+    results = tmp_path / "bench" / "results"
+    results.mkdir(parents=True)
+    _write(results / "cpu-x86.md", "# Benchmarks full\n")
+    _write(results / "cpu-x86-quick.md", "# Benchmarks quick\n")
+    text = readme.render(str(results), str(tmp_path))
+    assert "full" in text and "quick" not in text
