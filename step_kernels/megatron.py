@@ -241,7 +241,7 @@ class _ShardedSTEP(DistributedSTEP):
 
     def _reduce_per_tensor(self, rows: Tensor) -> Tensor:
         """Per-tensor statistics stay local: each rank holds other tensors (its shards), so each
-        shard decides alone whether its v has settled (DESIGN.md section 4); its state is saved
+        shard decides alone whether its v has settled (docs/design.md section 7); its state is saved
         per rank."""
         return rows
 
