@@ -1,4 +1,4 @@
-// Per-element math of the fused STEP step (DESIGN.md section 4), shared by the CPU loop and any
+// Per-element math of the fused STEP step (docs/design.md section 5), shared by the CPU loop and any
 // CUDA kernel. Every function reproduces the order of float operations of
 // step_kernels/reference.py as torch runs it on CPU, so results are bit-identical:
 //   m = fma(1 - b1, g - m, m)                  torch's lerp_ (fused multiply-add)

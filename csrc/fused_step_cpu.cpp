@@ -1,5 +1,5 @@
 // fused_step on CPU: one call steps many tensors that share flags, N:M and hyper-parameters
-// (contract: step_kernels/reference.py::fused_step, DESIGN.md section 4).
+// (contract: step_kernels/reference.py::fused_step, docs/design.md section 8.1).
 //
 // The launcher checks every tensor before anything is written (a failed call leaves its inputs
 // untouched), cuts each tensor into chunks of whole N:M groups (kChunk elements along the

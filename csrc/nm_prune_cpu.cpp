@@ -1,5 +1,5 @@
 // nm_prune(w, n, m, dim) on CPU: (masked w, bool mask), keeping the n largest |w| of every m
-// consecutive entries along `dim` (DESIGN.md section 3), bit-identical to
+// consecutive entries along `dim` (docs/design.md section 3), bit-identical to
 // step_kernels/reference.py::nm_prune. Pruned entries are written as +0; kept entries keep their
 // bits. Reads s bytes and writes s + 1 per element (s = the element size); parallel over groups.
 // The Python entry point (step_kernels.ops.nm_prune) validates the arguments first; the checks

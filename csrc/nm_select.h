@@ -1,6 +1,6 @@
 // N:M top-N selection of one group, shared by every C++/CUDA path (CPU step, 2:4 packing, CUDA).
 //
-// Rule (DESIGN.md section 3): keep the N largest |w| of the group; NaN magnitudes count as +inf;
+// Rule (docs/design.md section 3): keep the N largest |w| of the group; NaN magnitudes count as +inf;
 // ties go to the lower index; exactly N entries are kept. Entry i is kept when fewer than N entries
 // beat it, where j beats i if key[j] > key[i], or key[j] == key[i] and j < i. This O(M^2) rank is
 // order-independent and branch-free, so the CPU loop, the CUDA kernel and the PyTorch reference

@@ -3,7 +3,7 @@
 // Everything here is __host__ __device__ and shared by the CPU loop (pack24_cpu.cpp), the CUDA
 // kernels (pack24.cu) and the C++ unit tests, so CPU tests exercise the CUDA index math.
 //
-// Layout (../shared/notes/packing.md sections 1.2-1.4), for a dense [m, k] matrix:
+// Layout (docs/design.md section 9), for a dense [m, k] matrix:
 //   values [m, k/2]: per group of 4 columns, the two kept entries in ascending column order.
 //   meta   [m, k/16] int16 (fp16/bf16) or [m, k/32] int32 (int8): the logical word E[r][c] holds
 //          the nibbles of groups 4c..4c+3 (int16) or 8c..8c+7 (int32), lowest group in the lowest
@@ -21,7 +21,7 @@ namespace pack24 {
 
 // Raw storage and magnitude key of each packed dtype. Keys are integers that order like |x|:
 // for IEEE 16-bit floats, the bits without the sign (NaN clamped to the +inf pattern, so NaN
-// counts as +inf and ties with it by index, as section 3 of DESIGN.md says); for int8, |x|
+// counts as +inf and ties with it by index, as docs/design.md section 3 says); for int8, |x|
 // widened to int32 (|-128| overflows int8).
 struct Half {
   using raw = uint16_t;

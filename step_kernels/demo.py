@@ -146,8 +146,9 @@ def main(argv=None) -> int:
     split = int(0.9 * data.numel())
     train, val = data[:split], data[split:]
     print(f"step-kernels demo: TinyGPT (d={args.d_model}, layers={args.n_layer}, ctx={args.ctx}) on "
-          f"{data.numel() / 1e6:.2f} MB of Python stdlib source; {args.steps} steps per recipe, "
-          f"sparsity {args.sparsity}; {platform.machine()}, {torch.get_num_threads()} threads", flush=True)
+          f"{data.numel() / 1e6:.2f} MB of Python {platform.python_version()} standard-library source; "
+          f"{args.steps} steps per recipe, sparsity {args.sparsity}; {platform.machine()}, "
+          f"{torch.get_num_threads()} threads", flush=True)
     results = []
     for recipe in args.recipes.split(","):
         print(f"recipe {recipe}:", flush=True)

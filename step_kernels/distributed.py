@@ -1,4 +1,4 @@
-"""STEP under data and model parallelism (DESIGN.md section 4, "Distributed").
+"""STEP under data and model parallelism (docs/design.md section 10).
 
 - **DDP**: :class:`step_kernels.STEP` works as is. DDP all-reduces the grads, so every rank holds
   the same parameters, grads and state and takes the same steps; AutoSwitch sees the same
@@ -283,7 +283,7 @@ def prepare_optimizer_for_load(optimizer: STEP, checkpoint_id=None, *, storage_r
     every target of ``optimizer`` gets placeholder ``precond`` and ``master`` tensors in place of
     ``exp_avg_sq`` (same shapes, dtypes and placements as the saved ones); ``dcp.load`` and
     ``set_state_dict`` then overwrite them and the phase. A target the checkpoint saved with
-    ``exp_avg_sq`` (one still on live v after the switch, DESIGN.md section 4) gets only the
+    ``exp_avg_sq`` (one still on live v after the switch, docs/design.md section 7) gets only the
     ``master``. Returns True when the layout changed. Call it on every rank.
     ``storage_reader`` defaults to a ``FileSystemReader(checkpoint_id)``.
     """

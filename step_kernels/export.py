@@ -1,4 +1,4 @@
-"""Export of 2:4 sparse models for inference (DESIGN.md section 5).
+"""Export of 2:4 sparse models for inference (docs/design.md section 9).
 
 - :func:`to_sparse_semi_structured` wraps :func:`~step_kernels.pack24`'s output in torch's
   ``SparseSemiStructuredTensorCUTLASS`` (no repacking by torch). torch's CUTLASS sparse GEMM runs

@@ -181,7 +181,7 @@ def _nm_prune_backend(backend: str, w: Tensor) -> str:
 def nm_prune(w: Tensor, n: int, m: int, dim: int = -1, backend: str = "auto") -> Tuple[Tensor, Tensor]:
     """``(masked w, mask)``: keep the ``n`` largest ``|w|`` of every ``m`` along ``dim``.
 
-    Every backend gives the bits of :func:`step_kernels.reference.nm_prune` (DESIGN.md section 3)
+    Every backend gives the bits of :func:`step_kernels.reference.nm_prune` (docs/design.md section 3)
     for any layout of ``w``, and checks the arguments the same way first
     (:func:`~step_kernels.reference.check_nm_args`: a ``ValueError`` naming ``n``, ``m``, ``dim``
     or ``w``). ``"cpu"`` is the C++ kernel (float32, bfloat16, float16, float64, int8), ``"triton"``

@@ -1,4 +1,4 @@
-"""The STEP optimizer (DESIGN.md section 4): one class, three recipes.
+"""The STEP optimizer (docs/design.md section 4): one class, three recipes.
 
 - ``"step"``: dense AdamW until the switch, then N:M mask learning with the frozen preconditioner.
 - ``"srste"``: masked from step 1 with Adam's live second moment (the baseline STEP beats).
@@ -51,7 +51,7 @@ class StateKey(NamedTuple):
     kind: Union[torch.dtype, str, type]
 
 
-# Per-parameter state (DESIGN.md section 4): one line per key, so a new key is one line here.
+# Per-parameter state (docs/design.md section 4): one line per key, so a new key is one line here.
 STATE_KEYS: Dict[str, StateKey] = {
     "exp_avg": StateKey(lambda frozen, needs_master: True, torch.float32),
     "exp_avg_sq": StateKey(lambda frozen, needs_master: not frozen, torch.float32),
@@ -87,7 +87,7 @@ def _fp32_master(p: Tensor) -> Tensor:
 
 def _contiguous_work(t: Tensor, writebacks: List[Tuple[Tensor, Tensor]]) -> Tensor:
     """``t`` itself when contiguous; else a contiguous copy, recorded in ``writebacks`` as
-    ``(t, copy)`` so the step writes it back after its kernels (DESIGN.md section 4)."""
+    ``(t, copy)`` so the step writes it back after its kernels (docs/design.md section 4)."""
     if t.is_contiguous():
         return t
     work = t.contiguous()
@@ -96,7 +96,7 @@ def _contiguous_work(t: Tensor, writebacks: List[Tuple[Tensor, Tensor]]) -> Tens
 
 
 class AutoSwitch:
-    """When to leave the precondition phase (DESIGN.md section 4).
+    """When to leave the precondition phase (docs/design.md section 6).
 
     Each phase-1 step records a statistic ``Z_t`` of how much Adam's second moment v moved in
     that step, summed over every target coordinate (``A_t = sum |v_t - v_{t-1}|``,
@@ -171,7 +171,7 @@ class STEP(torch.optim.Optimizer):
             ``Conv1D``). :func:`step_kernels.sparse_param_groups` builds them from a model.
         lr, betas, eps: as ``torch.optim.AdamW``, with its defaults.
         weight_decay: decoupled decay as in ``torch.optim.AdamW``, on every parameter of a group.
-            The default is 0.0, not AdamW's 0.01 (DESIGN.md section 4): pass 0.01 for AdamW's.
+            The default is 0.0, not AdamW's 0.01 (docs/design.md section 4): pass 0.01 for AdamW's.
         recipe: ``"step"``, ``"srste"`` or ``"dense"``.
         srste_decay: the SR-STE decay on pruned weights (0 gives plain STE).
         switch: None (a fresh :class:`AutoSwitch`), an :class:`AutoSwitch`, or an int k >= 1
@@ -193,7 +193,7 @@ class STEP(torch.optim.Optimizer):
     hyper-parameter, grad and state tensor it needs before its first kernel runs: bad input
     raises ``ValueError`` naming the group or parameter and changes nothing.
 
-    Targets without a settled v (DESIGN.md section 4): at the switch, a target whose v is zero
+    Targets without a settled v (docs/design.md section 7): at the switch, a target whose v is zero
     everywhere (no grad, or only zero grads, in phase 1: a branch used later, a layer unfrozen
     later) is not frozen; it keeps its v, restarts its own step count, takes masked steps with
     live v (the SR-STE update) and is frozen at the end of the step at which it has taken
@@ -372,7 +372,7 @@ class STEP(torch.optim.Optimizer):
         state["step"] = 0
         state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
         # A group added after the switch starts with live v too: it is frozen once it has had
-        # switch_step steps of its own (DESIGN.md section 4), never with the p of v = 0.
+        # switch_step steps of its own (docs/design.md section 7), never with the p of v = 0.
         state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
         masked = self._masked_now(group)
         if p.dtype != torch.float32 or masked:
@@ -578,7 +578,7 @@ class STEP(torch.optim.Optimizer):
             self._last_launches = 0
             return loss
         buckets, stepped, writebacks = self._collect()
-        if not stepped:  # no parameter has a grad: a no-op that counts nowhere (DESIGN.md section 4)
+        if not stepped:  # no parameter has a grad: a no-op that counts nowhere (docs/design.md section 4)
             self._last_launches = 0
             return loss
         t = self._globals["step"] + 1
@@ -648,7 +648,7 @@ class STEP(torch.optim.Optimizer):
         return self._reduce_stats(rows.flatten()).view_as(rows)
 
     def _freeze(self, targets: List[Tuple[str, Tensor, Dict[str, Any]]]) -> int:
-        """Freeze the live v of ``targets`` into preconditioners (DESIGN.md section 4).
+        """Freeze the live v of ``targets`` into preconditioners (docs/design.md section 7).
 
         A target whose v is zero everywhere (no gradient, or only zeros, ever reached it) has
         nothing to freeze: it keeps v and restarts its own step count (its m and v are a fresh
@@ -694,7 +694,7 @@ class STEP(torch.optim.Optimizer):
 
     def _freeze_ready(self) -> None:
         """After a phase-2 step: freeze every target still on live v that has now taken
-        ``switch_step`` steps of its own (DESIGN.md section 4)."""
+        ``switch_step`` steps of its own (docs/design.md section 7)."""
         ready = []
         for gi, group in enumerate(self.param_groups):
             if not self._is_target(group):
@@ -910,7 +910,7 @@ class STEP(torch.optim.Optimizer):
         ``switch=AutoSwitch(min_step=t0 + n // 10, max_step=t0 + n // 2)`` for ``n`` fine-tuning
         steps after ``t0`` AdamW steps (``bench/accuracy``'s fine-tuning task does).
         Other keyword arguments go to :class:`STEP`; ``lr``, ``betas`` and ``eps`` default to the
-        AdamW run's. ``weight_decay`` does not: it is STEP's default, 0.0, unless given (DESIGN.md
+        AdamW run's. ``weight_decay`` does not: it is STEP's default, 0.0, unless given (docs/design.md
         section 4). The AdamW state is checked before anything is built: a state that does not
         fit the model (parameter count, shapes, dtypes, missing moments, step counts that differ
         between parameters, amsgrad or maximize) raises ``ValueError`` naming the parameter, and

@@ -1,4 +1,4 @@
-"""2:4 packing for NVIDIA sparse tensor cores (DESIGN.md section 5).
+"""2:4 packing for NVIDIA sparse tensor cores (docs/design.md section 9).
 
 ``pack24(dense)`` returns ``(values, meta)`` in the CUTLASS layout of
 ``torch.sparse.SparseSemiStructuredTensorCUTLASS``, byte-identical to torch's reference

@@ -1,6 +1,6 @@
 """Pure-PyTorch specification of every STEP op.
 
-This module is the documentation of the math (DESIGN.md sections 3 and 4) and the oracle every
+This module is the documentation of the math (docs/design.md sections 3 and 5) and the oracle every
 backend is tested against. It is written for clarity, runs on any device, and never needs Triton
 or the compiled extension.
 
@@ -132,7 +132,7 @@ def check_nm_args(w: Tensor, n: int, m: int, dim: int = -1, name: str = "w") -> 
 
     The one validation of every backend of ``nm_prune`` (and of :func:`nm_mask`): ``m`` a power of
     two from 2 to 32, ``1 <= n < m`` (both ints), ``dim`` an int in range, ``w.shape[dim]``
-    divisible by ``m`` (DESIGN.md section 3). A ``ValueError`` names the argument at fault (``w``
+    divisible by ``m`` (docs/design.md section 3). A ``ValueError`` names the argument at fault (``w``
     as ``name``); a ``w`` that is not a tensor is a ``TypeError``.
     """
     if not isinstance(w, Tensor):
@@ -156,7 +156,7 @@ def check_nm_args(w: Tensor, n: int, m: int, dim: int = -1, name: str = "w") -> 
 def nm_mask(w: Tensor, n: int, m: int, dim: int = -1, name: str = "weight") -> Tensor:
     """Boolean mask keeping the ``n`` largest ``|w|`` in each group of ``m`` consecutive entries.
 
-    Groups run along ``dim``. Rules (DESIGN.md section 3): NaN magnitudes count as +inf, ties go
+    Groups run along ``dim``. Rules (docs/design.md section 3): NaN magnitudes count as +inf, ties go
     to the lower index, and exactly ``n`` entries are kept in every group.
 
     The rank of entry ``i`` in its group is the number of entries that beat it: ``j`` beats ``i``
@@ -248,7 +248,7 @@ def preconditioner(
     """The frozen preconditioner after ``step`` steps of ``v``: ``1 / (sqrt(v_hat) + precond_eps)``.
 
     ``unfed``, when given, replaces it where ``v`` is exactly 0 (no gradient ever reached the
-    coordinate), which would otherwise get ``1 / precond_eps`` (DESIGN.md section 4; the optimizer
+    coordinate), which would otherwise get ``1 / precond_eps`` (docs/design.md section 7; the optimizer
     passes :func:`unfed_preconditioner`).
     """
     bc2_sqrt = (1 - beta2**step) ** 0.5
@@ -273,7 +273,7 @@ def unfed_preconditioner(fed: float, v_sum: float, *, beta2: float, step: int, p
 
 
 # ---------------------------------------------------------------------------------------------
-# AutoSwitch (DESIGN.md section 4)
+# AutoSwitch (docs/design.md section 6)
 # ---------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""Which weights get N:M masks, and the param groups the optimizer takes (DESIGN.md section 3).
+"""Which weights get N:M masks, and the param groups the optimizer takes (docs/design.md section 3).
 
 Targets are the 2-D weights of ``nn.Linear`` and of Megatron-Core's parallel linears (stored
 ``[out, in]``: groups along dim 1) and of

@@ -3,7 +3,7 @@ of the documented type that names the group or parameter at fault, and leaves th
 optimizer bit-identical (parameters, grads, state, param groups, public attributes).
 
 Also: non-contiguous parameters (a transposed view, a channels_last conv) train on every backend
-exactly as their contiguous twins do (DESIGN.md section 4; issue 12 items 2 and 8)."""
+exactly as their contiguous twins do (docs/design.md section 4; issue 12 items 2 and 8)."""
 
 import os
 

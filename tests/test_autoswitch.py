@@ -1,5 +1,5 @@
 """AutoSwitch and the loss scale: Adam's update does not change when the loss is multiplied by a
-constant, and neither may the default switch decision (DESIGN.md section 4).
+constant, and neither may the default switch decision (docs/design.md section 6).
 
 The same fp32 regression run is trained with the loss multiplied by 1e-4, 1 and 1e4: the default
 ("relative") rule switches at exactly the same step at every scale, on every CPU backend; the

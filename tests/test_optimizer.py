@@ -1,4 +1,4 @@
-"""The STEP optimizer against torch.optim.AdamW, hand-computed steps and DESIGN.md's rules."""
+"""The STEP optimizer against torch.optim.AdamW, hand-computed steps and the rules of docs/design.md."""
 
 import copy
 import io
@@ -172,7 +172,7 @@ def test_conv1d_groups_run_along_dim0(n, m):
 def test_floor_coordinate_decays_under_srste(precond_eps, decays):
     """A weight whose phase-1 gradients were ~0 (1e-9 here) has sqrt(v_hat) below the floor, so
     p ~ 1 / precond_eps. Pruned, its SR-STE term must shrink it; with a 1e-8 floor the same term
-    overshoots and it grows (DESIGN.md section 4)."""
+    overshoots and it grows (docs/design.md section 7)."""
     lin = nn.Linear(4, 1, bias=False)
     with torch.no_grad():
         lin.weight.copy_(torch.tensor([[1.0, 0.9, 0.05, 0.8]]))
@@ -196,7 +196,7 @@ def test_floor_coordinate_decays_under_srste(precond_eps, decays):
 
 
 # ---------------------------------------------------------------------------------------------
-# targets without a settled v, steps without grads (DESIGN.md section 4; issue 12 item 1)
+# targets without a settled v, steps without grads (docs/design.md sections 4 and 7; issue 12 item 1)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -383,7 +383,7 @@ def test_parameters_that_skip_steps_match_adamw_per_parameter_counts(recipe):
 
 
 def replay_expected(grads, beta2, threshold, t_min, t_max, rule):
-    """Independent replay of DESIGN.md's rule in double precision: (Z history, switch step)."""
+    """Independent replay of docs/design.md section 6 in double precision: (Z history, switch step)."""
     v = [0.0] * len(grads[0])
     history, window = [], max(1, round(1 / (1 - beta2)))
     for t, g in enumerate(grads, start=1):

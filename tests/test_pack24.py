@@ -119,7 +119,7 @@ def test_prune_int8_magnitudes_are_widened():
 
 
 def test_known_answers():
-    """packing.md section 1.6: uniform patterns and the non-uniform fp16 32x64 case."""
+    """docs/design.md section 9: uniform patterns and the non-uniform fp16 32x64 case."""
     for pattern, word in [([0, 0, 1, 1], -4370), ([1, 1, 0, 0], 17476), ([1, 0, 0, 1], -13108), ([0, 1, 1, 0], -26215)]:
         x = torch.tensor(pattern, dtype=torch.float16).repeat(32, 16)
         _, meta = pack24(x)
@@ -264,7 +264,7 @@ def test_top_level_exports():
 
 
 def test_cuda_sources_include_no_torch_header():
-    """pack24.cu (and the csrc headers it pulls in) must build with nvcc alone (DESIGN.md section 2)."""
+    """pack24.cu (and the csrc headers it pulls in) must build with nvcc alone (docs/design.md section 2)."""
     import pathlib
     import re
 

@@ -1,4 +1,4 @@
-"""Target selection and sparse_param_groups (DESIGN.md section 3)."""
+"""Target selection and sparse_param_groups (docs/design.md section 3)."""
 
 import pytest
 import torch

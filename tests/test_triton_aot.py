@@ -1,5 +1,5 @@
 """Every shipped Triton kernel configuration compiled ahead of time for sm_80 and sm_90 (no GPU
-needed): no register spills, and 128-bit global loads/stores on the main streams (DESIGN.md 6.3).
+needed): no register spills, and 128-bit global loads/stores on the main streams (docs/design.md section 12).
 """
 
 import os

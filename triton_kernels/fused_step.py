@@ -1,4 +1,4 @@
-"""The fused optimizer step of STEP (DESIGN.md section 4): one pass per element, many tensors per launch.
+"""The fused optimizer step of STEP (docs/design.md sections 5 and 8): one pass per element, many tensors per launch.
 
 One kernel family, two compile-time flags:
 

@@ -1,4 +1,4 @@
-"""Standalone N:M prune: ``nm_prune(w, n, m, dim) -> (masked w, mask)`` (DESIGN.md section 3)."""
+"""Standalone N:M prune: ``nm_prune(w, n, m, dim) -> (masked w, mask)`` (docs/design.md section 3)."""
 
 import os
 from typing import Tuple
