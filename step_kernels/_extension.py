@@ -1,7 +1,8 @@
-"""Lazy access to the compiled extension ``step_kernels._C``.
+"""Lazy access to the compiled extension ``step_kernels._C``, and the host side of its ops.
 
-Importing this module never loads the extension; the first call that needs it does, and a
-missing build raises :class:`~step_kernels.ops.BackendUnavailableError` saying how to build it.
+Importing this module never loads the extension; the first call that needs it does (and registers
+the ops' fake kernels, :mod:`step_kernels._fakes`), and a missing build raises
+:class:`~step_kernels.errors.BackendUnavailableError` saying how to build it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ import functools
 from typing import Optional
 
 import torch
+
+from . import _fakes
+from .errors import BackendUnavailableError
 
 _BUILD_HINT = (
     "build it with `make build` (or `pip install --no-build-isolation -e .`) from the source "
@@ -22,12 +26,10 @@ def _load():
     """Import ``step_kernels._C`` (which registers its ops); return ``(module, error)``."""
     try:
         from . import _C  # noqa: F401  (torch is imported first: _C links against libtorch)
-        from .packing import register_fake_kernels
-
-        register_fake_kernels()  # the fake kernels of the pack24/unpack24 ops, for torch.compile
-        return _C, None
     except ImportError as exc:
         return None, exc
+    _fakes.register()
+    return _C, None
 
 
 def missing_reason() -> Optional[str]:
@@ -47,8 +49,6 @@ def has_op(name: str) -> bool:
 
 def require(name: str):
     """The op ``torch.ops.step_kernels.<name>``, or a clear error when it is not built."""
-    from .ops import BackendUnavailableError
-
     reason = missing_reason()
     if reason is not None:
         raise BackendUnavailableError(reason)

@@ -1,8 +1,9 @@
 """One entry point per op; each picks a backend: ``"triton"``, ``"cpu"`` or ``"reference"``.
 
-Backends are imported lazily, so importing this module never needs a GPU, Triton or the built
-extension. Asking for a backend that is not available raises :class:`BackendUnavailableError`
-with the reason and how to get it; an explicitly requested backend never falls back silently.
+Importing this module never needs a GPU, Triton or the built extension: the Triton kernels are
+imported on first use and the extension is loaded on first use (:mod:`step_kernels._extension`).
+Asking for a backend that is not available raises :class:`BackendUnavailableError` with the reason
+and how to get it; an explicitly requested backend never falls back silently.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import reference
+from . import _extension, reference
+from ._fakes import NM_PRUNE_CPU_DTYPES
+from .errors import BackendUnavailableError
 from .reference import StepScalars
 
 BACKENDS = ("triton", "cpu", "reference")
@@ -27,10 +30,6 @@ __all__ = [
     "fused_step",
     "nm_prune",
 ]
-
-
-class BackendUnavailableError(RuntimeError):
-    """A requested backend cannot run here; the message says why and how to get it."""
 
 
 def _interpreter_on() -> bool:
@@ -61,8 +60,6 @@ def _cpu_status(device: torch.device) -> Optional[str]:
     """None when the C++ backend can run on ``device``, else the reason it cannot."""
     if device.type != "cpu":
         return f"the 'cpu' backend runs on CPU tensors (got {device.type}); use backend='triton'"
-    from . import _extension
-
     reason = _extension.missing_reason()
     if reason is not None:
         return reason
@@ -144,9 +141,7 @@ def fused_step(
             **kwargs, **dataclasses.asdict(scalars),
         )
     if backend == "cpu":
-        from ._extension import cpu_fused_step
-
-        totals = cpu_fused_step(
+        totals = _extension.cpu_fused_step(
             weights, grads, exp_avgs, second_moments, model_params,
             **kwargs, **dataclasses.asdict(scalars),
         )
@@ -157,7 +152,7 @@ def fused_step(
 # The dtypes each compiled backend of nm_prune takes; the reference takes any.
 NM_PRUNE_DTYPES = {
     "triton": (torch.float32, torch.bfloat16, torch.float16),
-    "cpu": (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int8),
+    "cpu": NM_PRUNE_CPU_DTYPES,
 }
 
 
@@ -196,8 +191,6 @@ def nm_prune(w: Tensor, n: int, m: int, dim: int = -1, backend: str = "auto") ->
 
         return triton_nm_prune(w.detach().contiguous(), n, m, dim)
     if backend == "cpu":
-        from . import _extension
-
         out, mask = _extension.require("nm_prune")(w.detach(), n, m, dim)
         return out, mask
     return reference.nm_prune(w, n, m, dim)

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from . import ops, reference
 from .reference import parse_sparsity
+from .targets import sparse_param_groups
 
 __all__ = ["STEP", "AutoSwitch"]
 
@@ -911,8 +912,6 @@ class STEP(torch.optim.Optimizer):
         between parameters, amsgrad or maximize) raises ``ValueError`` naming the parameter, and
         the model is left as it was.
         """
-        from .targets import sparse_param_groups
-
         named = list(model.named_parameters())
         step = cls._check_adamw_state(adamw_state_dict, named, kwargs)
         for key in ("lr", "betas", "eps"):
