@@ -7,13 +7,16 @@ the ops' fake kernels, :mod:`step_kernels._fakes`), and a missing build raises
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import torch
+from torch import Tensor
 
 from . import _fakes
 from .errors import BackendUnavailableError
+from .reference import StepScalars
 
 _BUILD_HINT = (
     "build it with `make build` (or `pip install --no-build-isolation -e .`) from the source "
@@ -59,16 +62,36 @@ def require(name: str):
     return getattr(torch.ops.step_kernels, name)
 
 
-def cpu_fused_step(weights, grads, exp_avgs, second_moments, model_params, **kwargs):
-    """The C++ fused step (backend "cpu"); same contract as ``reference.fused_step``."""
+def cpu_fused_step(
+    weights: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    second_moments: Sequence[Tensor],
+    model_params: Sequence[Optional[Tensor]],
+    *,
+    masked: bool,
+    frozen_v: bool,
+    n: int = 0,
+    m: int = 0,
+    group_dims: Optional[Sequence[int]] = None,
+    scalars: StepScalars,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+    compute_stats: bool = False,
+) -> Tuple[Tensor, int]:
+    """The C++ fused step (backend "cpu"): the contract of :func:`step_kernels.reference.fused_step`.
+
+    Every argument reaches ``torch.ops.step_kernels.fused_step`` by keyword, the fields of
+    ``scalars`` included, so a scalar that the op's schema does not name raises instead of
+    being dropped. Returns ``(totals, 1)``: one call of the op steps every tensor.
+    """
     op = require("fused_step")
     if len(weights) == 0:  # the dispatcher needs a tensor to route the call
-        return torch.zeros(3, dtype=torch.float64)
-    return op(
+        return torch.zeros(3, dtype=torch.float64), 1
+    totals = op(
         list(weights), list(grads), list(exp_avgs), list(second_moments), list(model_params),
-        kwargs["masked"], kwargs["frozen_v"], kwargs["n"], kwargs["m"],
-        kwargs["group_dims"] or [], kwargs["decay_factor"], kwargs["beta1"],
-        kwargs["one_minus_beta1"], kwargs["beta2"], kwargs["one_minus_beta2"],
-        kwargs["step_size"], kwargs["bc2_sqrt"], kwargs["eps"], kwargs["srste_decay"],
-        kwargs["grad_scale"], kwargs["found_inf"], kwargs["compute_stats"],
+        masked=masked, frozen_v=frozen_v, n=n, m=m, group_dims=list(group_dims or []),
+        grad_scale=grad_scale, found_inf=found_inf, compute_stats=compute_stats,
+        **dataclasses.asdict(scalars),
     )
+    return totals, 1

@@ -13,7 +13,7 @@ this module needs nothing above :mod:`step_kernels.reference`.
 from __future__ import annotations
 
 import functools
-from typing import Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -103,11 +103,42 @@ def _nm_prune_fake(w: Tensor, n: int, m: int, dim: int = -1) -> Tuple[Tensor, Te
     return w.new_empty(w.shape), w.new_empty(w.shape, dtype=torch.bool)
 
 
+# ---------------------------------------------------------------------------------------------
+# fused_step (csrc/fused_step_cpu.cpp)
+# ---------------------------------------------------------------------------------------------
+
+
+def _fused_step_fake(
+    weights: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+    second_moments: Sequence[Tensor], model_params: Sequence[Optional[Tensor]], *, masked: bool,
+    frozen_v: bool, n: int, m: int, group_dims: List[int], decay_factor: float, beta1: float,
+    one_minus_beta1: float, beta2: float, one_minus_beta2: float, step_size: float, bc2_sqrt: float,
+    eps: float, srste_decay: float, grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
+    compute_stats: bool,
+) -> Tensor:
+    count = len(weights)
+    lengths = [len(grads), len(exp_avgs), len(second_moments), len(model_params)]
+    if any(length != count for length in lengths):
+        raise ValueError("fused_step: weights, grads, exp_avgs, second_moments and model_params must have the "
+                         f"same length, got {count}, {', '.join(map(str, lengths))}")
+    if frozen_v and not masked:
+        raise ValueError("fused_step: frozen_v=True requires masked=True")
+    if masked:
+        if not (2 <= m <= 32 and m & (m - 1) == 0):
+            raise ValueError(f"fused_step: M must be a power of two from 2 to 32, got {m}")
+        if not 1 <= n < m:
+            raise ValueError(f"fused_step: N must satisfy 1 <= N < M, got N={n} M={m}")
+        if len(group_dims) != count:
+            raise ValueError(f"fused_step: group_dims has {len(group_dims)} entries for {count} tensors")
+    return weights[0].new_empty((3,), dtype=torch.float64)
+
+
 # The fake kernel of each op, by op name.
 FAKES = {
     "pack24": _pack24_fake,
     "unpack24": _unpack24_fake,
     "nm_prune": _nm_prune_fake,
+    "fused_step": _fused_step_fake,
 }
 
 

@@ -8,9 +8,8 @@ and how to get it; an explicitly requested backend never falls back silently.
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -25,6 +24,7 @@ BACKENDS = ("triton", "cpu", "reference")
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "FUSED_STEP",
     "backend_status",
     "resolve_backend",
     "fused_step",
@@ -100,6 +100,23 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def _triton_fused_step(*args, **kwargs) -> Tuple[Tensor, int]:
+    """The Triton fused step (backend "triton"), imported on its first call: Triton is optional."""
+    from .triton_kernels.fused_step import fused_step as triton_fused_step
+
+    return triton_fused_step(*args, **kwargs)
+
+
+# The fused step of each backend. Every one has the signature and the return of
+# :func:`step_kernels.reference.fused_step`: the lists, then keywords only (``scalars`` a
+# StepScalars), returning ``(totals, launches)``.
+FUSED_STEP: Dict[str, Callable[..., Tuple[Tensor, int]]] = {
+    "triton": _triton_fused_step,
+    "cpu": _extension.cpu_fused_step,
+    "reference": reference.fused_step,
+}
+
+
 def fused_step(
     backend: str,
     weights: Sequence[Tensor],
@@ -118,35 +135,20 @@ def fused_step(
     found_inf: Optional[Tensor] = None,
     compute_stats: bool = False,
 ) -> Tuple[Tensor, int]:
-    """The optimizer step of :func:`step_kernels.reference.fused_step` on ``backend``.
+    """The optimizer step of :func:`step_kernels.reference.fused_step` on ``backend``
+    (:data:`FUSED_STEP`).
 
     Returns ``(totals, launches)``: float64 ``[sum |dv|, sum v, flips]`` on the tensors' device,
     and the number of kernel launches the backend made (the reference counts one per tensor).
     """
-    kwargs = dict(
-        masked=masked, frozen_v=frozen_v, n=n, m=m,
-        group_dims=list(group_dims) if group_dims is not None else None,
+    impl = FUSED_STEP.get(backend)
+    if impl is None:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return impl(
+        weights, grads, exp_avgs, second_moments, model_params, masked=masked, frozen_v=frozen_v, n=n, m=m,
+        group_dims=list(group_dims) if group_dims is not None else None, scalars=scalars,
         grad_scale=grad_scale, found_inf=found_inf, compute_stats=compute_stats,
     )
-    if backend == "reference":
-        totals = reference.fused_step(
-            weights, grads, exp_avgs, second_moments, model_params, scalars=scalars, **kwargs
-        )
-        return totals, len(weights)
-    if backend == "triton":
-        from .triton_kernels.fused_step import fused_step as triton_fused_step
-
-        return triton_fused_step(
-            weights, grads, exp_avgs, second_moments, model_params,
-            **kwargs, **dataclasses.asdict(scalars),
-        )
-    if backend == "cpu":
-        totals = _extension.cpu_fused_step(
-            weights, grads, exp_avgs, second_moments, model_params,
-            **kwargs, **dataclasses.asdict(scalars),
-        )
-        return totals, 1
-    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 # The dtypes each compiled backend of nm_prune takes; the reference takes any.
