@@ -408,10 +408,15 @@ class STEP(torch.optim.Optimizer):
             self._write_masked(p, state["master"], group)
 
     def _write_masked(self, p: Tensor, master: Tensor, group: Dict[str, Any]) -> None:
+        """Write the N:M-masked ``master`` into the model parameter ``p`` (in ``p``'s dtype).
+
+        The selection is the optimizer's backend's prune (:func:`step_kernels.ops.nm_prune`),
+        bit-identical on every backend and, on "cpu" and "triton", without the reference's
+        O(M^2) temporaries per element: this runs on every target at once at the switch.
+        """
         n, m = parse_sparsity(group["sparsity"])
-        local_master = _local(master)
-        keep = reference.nm_mask(local_master, n, m, group["nm_dim"])
-        _local(p).copy_(torch.where(keep, local_master, torch.zeros((), dtype=torch.float32, device=local_master.device)))
+        pruned, _ = ops.nm_prune(_local(master), n, m, group["nm_dim"], backend=self.backend)
+        _local(p).copy_(pruned)
 
     # -----------------------------------------------------------------------------------------
     # public state

@@ -1,11 +1,12 @@
-"""One contract per op across backends: the fused step's signature, return and scalars, and the
-fake kernels of the C++ ops."""
+"""One contract per op across backends: the fused step's signature, return and scalars, the fake
+kernels of the C++ ops, and the optimizer's masked-weight writes through its backend's prune."""
 
 import dataclasses
 import inspect
 
 import pytest
 import torch
+from torch import nn
 
 import step_kernels as sk
 from step_kernels import _extension, ops
@@ -162,3 +163,75 @@ def test_fake_kernels_check_as_the_cpu_kernels_do():
             torch.ops.step_kernels.fused_step(*lists, group_dims=[1], **kwargs)
         with pytest.raises(ValueError, match="must have the same length"):
             torch.ops.step_kernels.fused_step(*lists[:4], lists[4][:1], group_dims=[1, 0], **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# the optimizer writes masked weights through its backend's prune
+# ---------------------------------------------------------------------------------------------
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).to(torch.bfloat16)
+
+
+def _groups(model):
+    return sk.sparse_param_groups(model, "2:8", exclude=[])
+
+
+def _train(model, opt, steps):
+    for step in range(steps):
+        opt.zero_grad(set_to_none=True)
+        x = torch.randn(4, 16, generator=torch.Generator().manual_seed(step)).to(torch.bfloat16)
+        model(x).float().square().mean().backward()
+        opt.step()
+
+
+class _PruneCalls:
+    """Counts the calls of ``ops.nm_prune`` (by backend) and of ``reference.nm_mask``."""
+
+    def __init__(self, monkeypatch):
+        self.prune, self.mask = [], 0
+        prune, nm_mask = ops.nm_prune, ref.nm_mask
+
+        def counted_prune(w, n, m, dim=-1, backend="auto"):
+            self.prune.append(backend)
+            return prune(w, n, m, dim, backend)
+
+        def counted_mask(*args, **kwargs):
+            self.mask += 1
+            return nm_mask(*args, **kwargs)
+
+        monkeypatch.setattr(ops, "nm_prune", counted_prune)
+        monkeypatch.setattr(ref, "nm_mask", counted_mask)
+
+
+def _assert_masked_from_masters(opt, model):
+    for p in (model[0].weight, model[2].weight):
+        master = opt.state[p]["master"]
+        assert torch.equal(p, ref.nm_prune(master, 2, 8, 1)[0].to(p.dtype))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("when", ["switch", "srste_start", "load_state_dict"])
+def test_masked_weights_are_written_by_the_backend_prune(backend, when, monkeypatch):
+    model = _model()
+    recipe = "srste" if when == "srste_start" else "step"
+    if when == "load_state_dict":
+        opt = sk.STEP(_groups(model), lr=1e-2, recipe=recipe, switch=1, backend=backend)
+        _train(model, opt, 2)
+        saved = opt.state_dict()
+        model[0].weight.data.fill_(1.0)  # load_state_dict rewrites the model from the masters
+    calls = _PruneCalls(monkeypatch)
+    if when == "switch":
+        opt = sk.STEP(_groups(model), lr=1e-2, recipe=recipe, switch=1, backend=backend)
+        _train(model, opt, 1)
+        assert opt.phase == "sparse"
+    elif when == "srste_start":
+        opt = sk.STEP(_groups(model), lr=1e-2, recipe=recipe, backend=backend)
+    else:
+        opt.load_state_dict(saved)
+    assert calls.prune == [backend, backend]  # one call per target, on the optimizer's backend
+    if backend != "reference":
+        assert calls.mask == 0, "the reference's O(M^2) selection ran"
+    _assert_masked_from_masters(opt, model)
