@@ -71,7 +71,6 @@ def run(device: torch.device, quick: bool, progress: Callable[[str], None] = pri
     gen = torch.Generator(device=device).manual_seed(0)
     scalars = ref.step_scalars(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=100,
                                srste_decay=2e-4)
-    kwargs = {k: getattr(scalars, k) for k in scalars.__dataclass_fields__}
 
     peer_p = [torch.randn(SHAPE, device=device, generator=gen) * 0.02 for _ in range(count)]
     for p in peer_p:
@@ -94,7 +93,7 @@ def run(device: torch.device, quick: bool, progress: Callable[[str], None] = pri
 
         def step():
             fused_step(w, g, m1, second, out, masked=masked, frozen_v=frozen, n=2 if masked else 0,
-                       m=4 if masked else 0, group_dims=[1] * count if masked else None, **kwargs)
+                       m=4 if masked else 0, group_dims=[1] * count if masked else None, scalars=scalars)
 
         step()
         ms = _bench(step)

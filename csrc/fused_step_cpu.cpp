@@ -305,10 +305,13 @@ at::Tensor fused_step_cpu(at::TensorList weights, at::TensorList grads, at::Tens
 
 }  // namespace
 
+// Everything after `*` is keyword-only. step_kernels/_extension.py passes the fields of
+// step_kernels.reference.StepScalars by name, so the float arguments are exactly those fields (a test
+// checks it): a scalar added to one side and not the other fails the call instead of being dropped.
 TORCH_LIBRARY_FRAGMENT(step_kernels, m) {
   m.def(
       "fused_step(Tensor(a!)[] weights, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] second_moments, "
-      "Tensor(d!)?[] model_params, bool masked, bool frozen_v, int n, int m, int[] group_dims, float decay_factor, "
+      "Tensor(d!)?[] model_params, *, bool masked, bool frozen_v, int n, int m, int[] group_dims, float decay_factor, "
       "float beta1, float one_minus_beta1, float beta2, float one_minus_beta2, float step_size, float bc2_sqrt, "
       "float eps, float srste_decay, Tensor? grad_scale, Tensor? found_inf, bool compute_stats) -> Tensor");
   m.def("fused_step_cpu_isa() -> str", &cpu_isa);

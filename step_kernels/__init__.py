@@ -7,7 +7,8 @@ missing raises a clear error when it is called.
 __version__ = "0.1.0"
 
 from . import reference  # noqa: E402
-from .ops import BackendUnavailableError, nm_prune, resolve_backend  # noqa: E402
+from .errors import BackendUnavailableError  # noqa: E402
+from .ops import nm_prune, resolve_backend  # noqa: E402
 from .optimizer import STEP, AutoSwitch  # noqa: E402
 from .packing import pack24, unpack24  # noqa: E402
 from .targets import sparse_param_groups  # noqa: E402

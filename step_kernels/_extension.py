@@ -1,15 +1,22 @@
-"""Lazy access to the compiled extension ``step_kernels._C``.
+"""Lazy access to the compiled extension ``step_kernels._C``, and the host side of its ops.
 
-Importing this module never loads the extension; the first call that needs it does, and a
-missing build raises :class:`~step_kernels.ops.BackendUnavailableError` saying how to build it.
+Importing this module never loads the extension; the first call that needs it does (and registers
+the ops' fake kernels, :mod:`step_kernels._fakes`), and a missing build raises
+:class:`~step_kernels.errors.BackendUnavailableError` saying how to build it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import torch
+from torch import Tensor
+
+from . import _fakes
+from .errors import BackendUnavailableError
+from .reference import StepScalars
 
 _BUILD_HINT = (
     "build it with `make build` (or `pip install --no-build-isolation -e .`) from the source "
@@ -22,12 +29,10 @@ def _load():
     """Import ``step_kernels._C`` (which registers its ops); return ``(module, error)``."""
     try:
         from . import _C  # noqa: F401  (torch is imported first: _C links against libtorch)
-        from .packing import register_fake_kernels
-
-        register_fake_kernels()  # the fake kernels of the pack24/unpack24 ops, for torch.compile
-        return _C, None
     except ImportError as exc:
         return None, exc
+    _fakes.register()
+    return _C, None
 
 
 def missing_reason() -> Optional[str]:
@@ -47,8 +52,6 @@ def has_op(name: str) -> bool:
 
 def require(name: str):
     """The op ``torch.ops.step_kernels.<name>``, or a clear error when it is not built."""
-    from .ops import BackendUnavailableError
-
     reason = missing_reason()
     if reason is not None:
         raise BackendUnavailableError(reason)
@@ -59,16 +62,36 @@ def require(name: str):
     return getattr(torch.ops.step_kernels, name)
 
 
-def cpu_fused_step(weights, grads, exp_avgs, second_moments, model_params, **kwargs):
-    """The C++ fused step (backend "cpu"); same contract as ``reference.fused_step``."""
+def cpu_fused_step(
+    weights: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    second_moments: Sequence[Tensor],
+    model_params: Sequence[Optional[Tensor]],
+    *,
+    masked: bool,
+    frozen_v: bool,
+    n: int = 0,
+    m: int = 0,
+    group_dims: Optional[Sequence[int]] = None,
+    scalars: StepScalars,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+    compute_stats: bool = False,
+) -> Tuple[Tensor, int]:
+    """The C++ fused step (backend "cpu"): the contract of :func:`step_kernels.reference.fused_step`.
+
+    Every argument reaches ``torch.ops.step_kernels.fused_step`` by keyword, the fields of
+    ``scalars`` included, so a scalar that the op's schema does not name raises instead of
+    being dropped. Returns ``(totals, 1)``: one call of the op steps every tensor.
+    """
     op = require("fused_step")
     if len(weights) == 0:  # the dispatcher needs a tensor to route the call
-        return torch.zeros(3, dtype=torch.float64)
-    return op(
+        return torch.zeros(3, dtype=torch.float64), 1
+    totals = op(
         list(weights), list(grads), list(exp_avgs), list(second_moments), list(model_params),
-        kwargs["masked"], kwargs["frozen_v"], kwargs["n"], kwargs["m"],
-        kwargs["group_dims"] or [], kwargs["decay_factor"], kwargs["beta1"],
-        kwargs["one_minus_beta1"], kwargs["beta2"], kwargs["one_minus_beta2"],
-        kwargs["step_size"], kwargs["bc2_sqrt"], kwargs["eps"], kwargs["srste_decay"],
-        kwargs["grad_scale"], kwargs["found_inf"], kwargs["compute_stats"],
+        masked=masked, frozen_v=frozen_v, n=n, m=m, group_dims=list(group_dims or []),
+        grad_scale=grad_scale, found_inf=found_inf, compute_stats=compute_stats,
+        **dataclasses.asdict(scalars),
     )
+    return totals, 1

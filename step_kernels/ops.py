@@ -1,20 +1,22 @@
 """One entry point per op; each picks a backend: ``"triton"``, ``"cpu"`` or ``"reference"``.
 
-Backends are imported lazily, so importing this module never needs a GPU, Triton or the built
-extension. Asking for a backend that is not available raises :class:`BackendUnavailableError`
-with the reason and how to get it; an explicitly requested backend never falls back silently.
+Importing this module never needs a GPU, Triton or the built extension: the Triton kernels are
+imported on first use and the extension is loaded on first use (:mod:`step_kernels._extension`).
+Asking for a backend that is not available raises :class:`BackendUnavailableError` with the reason
+and how to get it; an explicitly requested backend never falls back silently.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from . import reference
+from . import _extension, reference
+from ._fakes import NM_PRUNE_CPU_DTYPES
+from .errors import BackendUnavailableError
 from .reference import StepScalars
 
 BACKENDS = ("triton", "cpu", "reference")
@@ -22,15 +24,12 @@ BACKENDS = ("triton", "cpu", "reference")
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "FUSED_STEP",
     "backend_status",
     "resolve_backend",
     "fused_step",
     "nm_prune",
 ]
-
-
-class BackendUnavailableError(RuntimeError):
-    """A requested backend cannot run here; the message says why and how to get it."""
 
 
 def _interpreter_on() -> bool:
@@ -61,8 +60,6 @@ def _cpu_status(device: torch.device) -> Optional[str]:
     """None when the C++ backend can run on ``device``, else the reason it cannot."""
     if device.type != "cpu":
         return f"the 'cpu' backend runs on CPU tensors (got {device.type}); use backend='triton'"
-    from . import _extension
-
     reason = _extension.missing_reason()
     if reason is not None:
         return reason
@@ -103,6 +100,23 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def _triton_fused_step(*args, **kwargs) -> Tuple[Tensor, int]:
+    """The Triton fused step (backend "triton"), imported on its first call: Triton is optional."""
+    from .triton_kernels.fused_step import fused_step as triton_fused_step
+
+    return triton_fused_step(*args, **kwargs)
+
+
+# The fused step of each backend. Every one has the signature and the return of
+# :func:`step_kernels.reference.fused_step`: the lists, then keywords only (``scalars`` a
+# StepScalars), returning ``(totals, launches)``.
+FUSED_STEP: Dict[str, Callable[..., Tuple[Tensor, int]]] = {
+    "triton": _triton_fused_step,
+    "cpu": _extension.cpu_fused_step,
+    "reference": reference.fused_step,
+}
+
+
 def fused_step(
     backend: str,
     weights: Sequence[Tensor],
@@ -121,43 +135,26 @@ def fused_step(
     found_inf: Optional[Tensor] = None,
     compute_stats: bool = False,
 ) -> Tuple[Tensor, int]:
-    """The optimizer step of :func:`step_kernels.reference.fused_step` on ``backend``.
+    """The optimizer step of :func:`step_kernels.reference.fused_step` on ``backend``
+    (:data:`FUSED_STEP`).
 
     Returns ``(totals, launches)``: float64 ``[sum |dv|, sum v, flips]`` on the tensors' device,
     and the number of kernel launches the backend made (the reference counts one per tensor).
     """
-    kwargs = dict(
-        masked=masked, frozen_v=frozen_v, n=n, m=m,
-        group_dims=list(group_dims) if group_dims is not None else None,
+    impl = FUSED_STEP.get(backend)
+    if impl is None:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return impl(
+        weights, grads, exp_avgs, second_moments, model_params, masked=masked, frozen_v=frozen_v, n=n, m=m,
+        group_dims=list(group_dims) if group_dims is not None else None, scalars=scalars,
         grad_scale=grad_scale, found_inf=found_inf, compute_stats=compute_stats,
     )
-    if backend == "reference":
-        totals = reference.fused_step(
-            weights, grads, exp_avgs, second_moments, model_params, scalars=scalars, **kwargs
-        )
-        return totals, len(weights)
-    if backend == "triton":
-        from .triton_kernels.fused_step import fused_step as triton_fused_step
-
-        return triton_fused_step(
-            weights, grads, exp_avgs, second_moments, model_params,
-            **kwargs, **dataclasses.asdict(scalars),
-        )
-    if backend == "cpu":
-        from ._extension import cpu_fused_step
-
-        totals = cpu_fused_step(
-            weights, grads, exp_avgs, second_moments, model_params,
-            **kwargs, **dataclasses.asdict(scalars),
-        )
-        return totals, 1
-    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 # The dtypes each compiled backend of nm_prune takes; the reference takes any.
 NM_PRUNE_DTYPES = {
     "triton": (torch.float32, torch.bfloat16, torch.float16),
-    "cpu": (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int8),
+    "cpu": NM_PRUNE_CPU_DTYPES,
 }
 
 
@@ -196,8 +193,6 @@ def nm_prune(w: Tensor, n: int, m: int, dim: int = -1, backend: str = "auto") ->
 
         return triton_nm_prune(w.detach().contiguous(), n, m, dim)
     if backend == "cpu":
-        from . import _extension
-
         out, mask = _extension.require("nm_prune")(w.detach(), n, m, dim)
         return out, mask
     return reference.nm_prune(w, n, m, dim)

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from . import ops, reference
 from .reference import parse_sparsity
+from .targets import sparse_param_groups
 
 __all__ = ["STEP", "AutoSwitch"]
 
@@ -147,8 +148,34 @@ class AutoSwitch:
                 f"threshold={self.threshold}, rule={self.rule!r})")
 
 
+class _Hyper(NamedTuple):
+    """A group's hyper-parameters at this step, named as :func:`reference.step_scalars` takes them."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    srste_decay: float
+
+
+class _BucketKey(NamedTuple):
+    """What the tensors of one backend call share: flags, N:M, hyper-parameters, step count, dtypes."""
+
+    masked: bool
+    frozen: bool  # frozen_v: the second moment is the frozen preconditioner
+    stats: bool  # compute_stats: sum the AutoSwitch statistics
+    n: int
+    m: int
+    hyper: _Hyper
+    own_step: int  # the parameters' own step count, this step included (their bias corrections)
+    grad_dtype: torch.dtype
+    out_dtype: Optional[torch.dtype]  # the model parameter's, or None when the master is the parameter
+    second_dtype: torch.dtype
+
+
 class _Bucket:
-    """Tensors that one backend call steps together (same flags, N:M, dtypes, hyper-parameters)."""
+    """Tensors that one backend call steps together (same :class:`_BucketKey`)."""
 
     __slots__ = ("weights", "grads", "exp_avgs", "seconds", "outs", "group_dims", "numel")
 
@@ -381,10 +408,15 @@ class STEP(torch.optim.Optimizer):
             self._write_masked(p, state["master"], group)
 
     def _write_masked(self, p: Tensor, master: Tensor, group: Dict[str, Any]) -> None:
+        """Write the N:M-masked ``master`` into the model parameter ``p`` (in ``p``'s dtype).
+
+        The selection is the optimizer's backend's prune (:func:`step_kernels.ops.nm_prune`),
+        bit-identical on every backend and, on "cpu" and "triton", without the reference's
+        O(M^2) temporaries per element: this runs on every target at once at the switch.
+        """
         n, m = parse_sparsity(group["sparsity"])
-        local_master = _local(master)
-        keep = reference.nm_mask(local_master, n, m, group["nm_dim"])
-        _local(p).copy_(torch.where(keep, local_master, torch.zeros((), dtype=torch.float32, device=local_master.device)))
+        pruned, _ = ops.nm_prune(_local(master), n, m, group["nm_dim"], backend=self.backend)
+        _local(p).copy_(pruned)
 
     # -----------------------------------------------------------------------------------------
     # public state
@@ -501,20 +533,19 @@ class STEP(torch.optim.Optimizer):
                                  "(move the optimizer state with the model)")
         return count
 
-    def _collect(self):
+    def _collect(self, autoswitch: bool):
         """Validate everything this step needs, then group its work into backend calls.
 
         Raises before anything changes: hyper-parameters of every group (as schedulers left
         them), every grad, every state tensor, the backend for the parameters' device. Returns
         ``(buckets, stepped, writebacks)``: the backend calls, the states of the parameters that
         take this step, and ``(tensor, contiguous copy)`` pairs to write back after the kernels.
+        ``autoswitch``: whether this step feeds AutoSwitch (its targets sum the statistics).
         """
-        buckets: Dict[tuple, _Bucket] = defaultdict(_Bucket)
+        buckets: Dict[_BucketKey, _Bucket] = defaultdict(_Bucket)
         stepped: List[Dict[str, Any]] = []
         writebacks: List[Tuple[Tensor, Tensor]] = []
         devices: Dict[torch.device, str] = {}
-        phase = self._globals["phase"]
-        autoswitch = self.recipe == "step" and phase == "dense" and isinstance(self.switch, AutoSwitch)
         for gi, group in enumerate(self.param_groups):
             where = f"param_groups[{gi}]: "
             self._check_hyper(group, where)
@@ -524,8 +555,8 @@ class STEP(torch.optim.Optimizer):
             n, m = parse_sparsity(group["sparsity"], f"{where}sparsity") if masked else (0, 0)
             beta1, beta2 = group["betas"]
             lr = group["lr"].item() if isinstance(group["lr"], Tensor) else group["lr"]
-            hyper = (float(lr), float(beta1), float(beta2), float(group["eps"]),
-                     float(group["weight_decay"]), float(group["srste_decay"]))
+            hyper = _Hyper(float(lr), float(beta1), float(beta2), float(group["eps"]),
+                           float(group["weight_decay"]), float(group["srste_decay"]))
             for i, p in enumerate(group["params"]):
                 grad = p.grad
                 if grad is None:
@@ -539,8 +570,8 @@ class STEP(torch.optim.Optimizer):
                 master = state.get("master")
                 second = state["precond"] if frozen else state["exp_avg_sq"]
                 out = p if master is not None else None
-                key = (masked, frozen, stats, n, m, hyper, own_step, grad.dtype,
-                       p.dtype if out is not None else None, second.dtype)
+                key = _BucketKey(masked, frozen, stats, n, m, hyper, own_step, grad.dtype,
+                                 p.dtype if out is not None else None, second.dtype)
                 b = buckets[key]
                 b.weights.append(_contiguous_work(_local(master if master is not None else p), writebacks))
                 local_grad = _local(grad)
@@ -577,7 +608,10 @@ class STEP(torch.optim.Optimizer):
         if found_inf is not None and bool(found_inf.item() != 0):
             self._last_launches = 0
             return loss
-        buckets, stepped, writebacks = self._collect()
+        # Whether this step feeds AutoSwitch: decided once, from the global state before the step.
+        phase = self._globals["phase"]
+        autoswitch = self.recipe == "step" and phase == "dense" and isinstance(self.switch, AutoSwitch)
+        buckets, stepped, writebacks = self._collect(autoswitch)
         if not stepped:  # no parameter has a grad: a no-op that counts nowhere (docs/design.md section 4)
             self._last_launches = 0
             return loss
@@ -586,20 +620,18 @@ class STEP(torch.optim.Optimizer):
         totals = torch.zeros(3, dtype=torch.float64, device=device)
         stats_numel = masked_numel = launches = 0
         for key, b in buckets.items():
-            masked, frozen, stats, n, m, hyper, own_step, *_ = key
-            lr, beta1, beta2, eps, wd, srste_decay = hyper
-            scalars = reference.step_scalars(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd,
-                                             step=own_step, srste_decay=srste_decay)
+            scalars = reference.step_scalars(**key.hyper._asdict(), step=key.own_step)
             part, n_launches = ops.fused_step(
                 self.backend, b.weights, b.grads, b.exp_avgs, b.seconds, b.outs,
-                masked=masked, frozen_v=frozen, n=n, m=m, group_dims=b.group_dims if masked else None,
-                scalars=scalars, grad_scale=grad_scale, compute_stats=stats,
+                masked=key.masked, frozen_v=key.frozen, n=key.n, m=key.m,
+                group_dims=b.group_dims if key.masked else None,
+                scalars=scalars, grad_scale=grad_scale, compute_stats=key.stats,
             )
             totals += part.to(device)
             launches += n_launches
-            if stats:
+            if key.stats:
                 stats_numel += b.numel
-            if masked:
+            if key.masked:
                 masked_numel += b.numel
         for tensor, work in writebacks:
             tensor.copy_(work)
@@ -607,8 +639,6 @@ class STEP(torch.optim.Optimizer):
             state["step"] += 1
         # [sum |dv|, sum v, flips, numel of the statistics, numel masked], summed over ranks when the
         # statistics are used; the condition depends only on global state, so every rank agrees.
-        phase = self._globals["phase"]
-        autoswitch = self.recipe == "step" and phase == "dense" and isinstance(self.switch, AutoSwitch)
         totals = torch.cat([totals, totals.new_tensor([stats_numel, masked_numel])])
         if autoswitch or self.recipe == "srste" or phase == "sparse":
             totals = self._reduce_stats(totals)
@@ -916,8 +946,6 @@ class STEP(torch.optim.Optimizer):
         between parameters, amsgrad or maximize) raises ``ValueError`` naming the parameter, and
         the model is left as it was.
         """
-        from .targets import sparse_param_groups
-
         named = list(model.named_parameters())
         step = cls._check_adamw_state(adamw_state_dict, named, kwargs)
         for key in ("lr", "betas", "eps"):

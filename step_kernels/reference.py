@@ -358,10 +358,11 @@ def fused_step(
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
     compute_stats: bool = False,
-) -> Tensor:
+) -> Tuple[Tensor, int]:
     """One optimizer step over many tensors that share flags, N:M and hyper-parameters.
 
-    This is the contract of the kernel family (flags ``masked`` and ``frozen_v``):
+    This is the contract of the kernel family (flags ``masked`` and ``frozen_v``), the same
+    signature and return on every backend (:data:`step_kernels.ops.FUSED_STEP`):
 
     - ``weights``: fp32 masters, updated in place.
     - ``grads``: same shapes, fp32/bf16/fp16; divided by ``grad_scale`` when given.
@@ -371,18 +372,20 @@ def fused_step(
     - ``model_params``: per tensor, the model parameter that receives the new weight (masked when
       ``masked``) in its own dtype, or None when the master *is* the model parameter.
     - ``group_dims``: per tensor, the dim the N:M groups run along (required when ``masked``).
+    - ``scalars``: the host scalars of the step (:func:`step_scalars`).
     - ``found_inf``: a nonzero value makes the whole call a no-op.
     - ``compute_stats``: also sum the AutoSwitch statistics (unmasked calls).
 
-    Returns a float64 tensor ``[sum |v_t - v_{t-1}|, sum v_t, mask flips]`` on the weights' device
-    (the first two are 0 unless ``compute_stats``; flips are 0 unless ``masked``).
+    Returns ``(totals, launches)``: a float64 tensor ``[sum |v_t - v_{t-1}|, sum v_t, mask flips]``
+    on the weights' device (the first two are 0 unless ``compute_stats``; flips are 0 unless
+    ``masked``), and the number of kernel launches the backend made (here one per tensor).
     """
     device = weights[0].device if len(weights) else torch.device("cpu")
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     if frozen_v and not masked:
         raise ValueError("frozen_v=True requires masked=True")
     if found_inf is not None and bool(found_inf.item() != 0):
-        return totals
+        return totals, len(weights)
     for i, w in enumerate(weights):
         g, m1, second, out = grads[i], exp_avgs[i], second_moments[i], model_params[i]
         if masked:
@@ -400,5 +403,5 @@ def fused_step(
                 totals[1] += v_sum
             if out is not None:
                 out.copy_(w)
-    return totals
+    return totals, len(weights)
 

@@ -7,7 +7,6 @@ allowed ``ULPS`` units in the last place of the value or of the step's update; m
 kernel's own masked master exactly.
 """
 
-import dataclasses
 import os
 
 import pytest
@@ -348,7 +347,7 @@ def test_cpu_tensors_without_interpreter_fail_clearly(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     w, g, m1, v, out = _lists("cpu")
     with pytest.raises(ValueError, match=r"weights\[0\] is on cpu: the Triton kernels need CUDA tensors"):
-        fused_step(w, g, m1, v, out, masked=False, frozen_v=False, **dataclasses.asdict(scalars()))
+        fused_step(w, g, m1, v, out, masked=False, frozen_v=False, scalars=scalars())
     with pytest.raises(sk.BackendUnavailableError, match="TRITON_INTERPRET=1"):
         sk.STEP([torch.nn.Parameter(torch.randn(4, 4))], backend="triton")
 

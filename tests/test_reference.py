@@ -176,7 +176,7 @@ def test_fused_step_found_inf_is_a_noop():
     before = w.clone()
     m, v = torch.zeros_like(w), torch.zeros_like(w)
     s = ref.step_scalars(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, step=1)
-    totals = ref.fused_step([w], [torch.ones_like(w)], [m], [v], [None], masked=False, frozen_v=False,
-                            scalars=s, found_inf=torch.tensor([1.0]), compute_stats=True)
+    totals, _ = ref.fused_step([w], [torch.ones_like(w)], [m], [v], [None], masked=False, frozen_v=False,
+                               scalars=s, found_inf=torch.tensor([1.0]), compute_stats=True)
     assert torch.equal(w, before) and not m.any() and not v.any()
     assert totals.tolist() == [0.0, 0.0, 0.0]

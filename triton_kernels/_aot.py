@@ -49,8 +49,7 @@ def _fused_config(name, *, g, s, out, masked, frozen, stats=False, strided=False
     block, warps = fused_step.launch_shape(strided, m)
     sig = {"tensors": "*i64", "blocks": "*i32", "partials": "*fp64", "grad_scale_ptr": "*fp32",
            "found_inf_ptr": "*fp32"}
-    for arg in ("decay_factor", "one_minus_beta1", "beta2", "one_minus_beta2", "step_size", "bc2_sqrt", "eps",
-                "srste_decay"):
+    for arg in fused_step.KERNEL_SCALARS:
         sig[arg] = "fp32"
     constexprs = dict(G_DTYPE=g, S_DTYPE=s, OUT_KIND=out_kind, O_DTYPE=o_dtype, MASKED=masked, FROZEN_V=frozen,
                       STATS=stats, STRIDED=strided, N=n, M=m, BLOCK=block, HAS_SCALE=True,

@@ -26,6 +26,11 @@ from ._nm import check_device, check_nm, nm_keep, store_rounded, strided_launch_
 BLOCK = 1024  # elements per program (a [M, BLOCK // M] tile for strided groups)
 NUM_WARPS = 4
 REDUCE_BLOCK = 1024
+# The runtime scalar arguments of _fused_step_kernel, in order: the fields of the launcher's
+# ``scalars`` (a step_kernels.reference.StepScalars) that the kernel reads. Every field but beta1
+# (the update uses torch's lerp weight one_minus_beta1); a test keeps this in step with StepScalars.
+KERNEL_SCALARS = ("decay_factor", "one_minus_beta1", "beta2", "one_minus_beta2", "step_size", "bc2_sqrt", "eps",
+                  "srste_decay")
 _TABLE_COLS = 8  # w, g, m, second, out, numel, cols, unused
 _GRAD_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _PRECOND_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}
@@ -329,18 +334,10 @@ def fused_step(
     n: int = 0,
     m: int = 0,
     group_dims: Optional[Sequence[int]] = None,
+    scalars,
     grad_scale: Optional[torch.Tensor] = None,
     found_inf: Optional[torch.Tensor] = None,
     compute_stats: bool = False,
-    decay_factor: float,
-    beta1: float,
-    one_minus_beta1: float,
-    beta2: float,
-    one_minus_beta2: float,
-    step_size: float,
-    bc2_sqrt: float,
-    eps: float,
-    srste_decay: float,
 ) -> Tuple[torch.Tensor, int]:
     """One optimizer step over many tensors, in place: the contract of ``reference.fused_step``.
 
@@ -349,14 +346,15 @@ def fused_step(
     ``second_moments`` fp32 ``v`` (or, with ``frozen_v``, the fp32/bf16 preconditioner); and
     ``model_params`` all None or all fp32/bf16/fp16. ``grad_scale`` and ``found_inf`` are
     one-element fp32 device tensors, read on the device (``found_inf != 0`` stores nothing).
-    Scalars are runtime kernel arguments: changing lr or the step never recompiles.
+    ``scalars`` is a ``step_kernels.reference.StepScalars`` (this package imports nothing from
+    ``step_kernels``: any object with its fields will do); the fields in ``KERNEL_SCALARS`` are
+    runtime kernel arguments, so changing lr or the step never recompiles.
 
     Returns ``(totals, launches)``: float64 ``[sum |v_t - v_{t-1}|, sum v_t, flips]`` on the
     device and the number of Triton kernel launches made (one per group orientation, plus one
     that sums the per-block partials when statistics or flips are asked for). Bad input raises
     ``ValueError`` naming the tensor before anything is written.
     """
-    del beta1  # the update uses one_minus_beta1 (torch's lerp weight)
     if len(weights) == 0:
         return torch.zeros(3, dtype=torch.float64), 0
     layouts = _check_lists(weights, grads, exp_avgs, second_moments, model_params, masked, frozen_v, n, m,
@@ -395,8 +393,7 @@ def fused_step(
         _fused_step_kernel[(blocks.shape[0],)](
             table, blocks, partials[first_block:], grad_scale if grad_scale is not None else dummy,
             found_inf if found_inf is not None else dummy,
-            float(decay_factor), float(one_minus_beta1), float(beta2), float(one_minus_beta2),
-            float(step_size), float(bc2_sqrt), float(eps), float(srste_decay),
+            *(float(getattr(scalars, name)) for name in KERNEL_SCALARS),
             G_DTYPE=_GRAD_DTYPES[grads[0].dtype],
             S_DTYPE=_PRECOND_DTYPES[second_moments[0].dtype],
             OUT_KIND=out_kind, O_DTYPE=o_dtype,
