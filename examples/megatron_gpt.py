@@ -74,7 +74,10 @@ def build(args, config, device, seed):
                                  bf16=True, params_dtype=torch.bfloat16, use_distributed_optimizer=True,
                                  clip_grad=1.0 if device.type == "cuda" else 0.0)
     opt = get_step_optimizer(opt_config, [ddp], "2:4", total_steps=args.steps)
-    return ddp, opt, warmup_cosine(opt.optimizer, args.steps)  # opt.optimizer: the torch optimizer inside
+    # The lr schedule drives the torch optimizer inside (opt.optimizer). Megatron's OptimizerParamScheduler
+    # is not used: it sets weight_decay * wd_mult on every group, and STEP's groups carry no wd_mult,
+    # so biases and norms (weight decay 0) would get the decay too.
+    return ddp, opt, warmup_cosine(opt.optimizer, args.steps)
 
 
 def train(args, ddp, opt, schedule, data, start, stop, on_step=lambda step: None):
