@@ -112,7 +112,8 @@ def main(argv=None):
                 print(f"saved a DCP checkpoint at step {step} (phase {opt.phase}) to {args.ckpt_dir}", flush=True)
 
     train(args, model, opt, schedule, data, 0, args.steps, save)
-    assert opt.switch_step is not None and opt.switch_step < save_at, f"switch at {opt.switch_step}, not before {save_at}"
+    assert opt.switch_step is not None and opt.switch_step < save_at, \
+        f"switch at {opt.switch_step}, not before the checkpoint at {save_at}"
     want = full_params(model)
 
     # A fresh model and optimizer (another init seed), resumed from the checkpoint.

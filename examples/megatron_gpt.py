@@ -113,9 +113,11 @@ def main(argv=None):
     parser.add_argument("--ckpt-dir", default="megatron_ckpt", help="directory of the per-rank checkpoints")
     args = parser.parse_args(argv)
     if args.smoke:
-        size, args.ctx, args.steps, args.batch, args.lr = dict(num_layers=2, hidden_size=64, num_attention_heads=4), 64, 16, 8, 3e-3
+        size = dict(num_layers=2, hidden_size=64, num_attention_heads=4)
+        args.ctx, args.steps, args.batch, args.lr = 64, 16, 8, 3e-3
     else:
-        size, args.ctx, args.steps, args.batch, args.lr = dict(num_layers=8, hidden_size=512, num_attention_heads=8), 256, 2000, 16, 6e-4
+        size = dict(num_layers=8, hidden_size=512, num_attention_heads=8)
+        args.ctx, args.steps, args.batch, args.lr = 256, 2000, 16, 6e-4
     save_at = args.steps * 3 // 4  # AutoSwitch switches by 50% of total_steps at the latest
 
     cuda = torch.cuda.is_available()
@@ -153,7 +155,8 @@ def run(args, config, device, save_at):
                         "schedule": schedule.state_dict()}, checkpoint_path(args))
 
     losses = train(args, ddp, opt, schedule, data, 0, args.steps, save)
-    assert opt.switch_step is not None and opt.switch_step < save_at, f"switch at {opt.switch_step}, not before {save_at}"
+    assert opt.switch_step is not None and opt.switch_step < save_at, \
+        f"switch at {opt.switch_step}, not before the checkpoint at {save_at}"
     assert sum(losses[-3:]) < sum(losses[:3]), f"the loss did not fall: {losses}"
 
     # The targets as get_step_optimizer chose them; after DDP's all-gather, each rank's full TP shard
