@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 DEPS_STAMP := $(VENV)/.deps-ready
 BUILD_STAMP := $(VENV)/.build-ready
 # Optional: tests that need them are skipped without them (pip never resolves torch through these).
-OPTIONAL_DEPS := transformers==5.24.0 scikit-learn==1.9.1
+OPTIONAL_DEPS := transformers==5.24.0 scikit-learn==1.9.1 accelerate==1.15.0
 CSRC := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
 
 .PHONY: setup build test pytest cmake-test demo bench clean gpu-check gpu-check-dry-run
@@ -25,7 +25,7 @@ $(DEPS_STAMP): $(PY) Makefile
 	$(PY) -c "import triton" 2>/dev/null || $(PIP) install "triton>=3.6,<4"
 	$(PY) -c "import numpy, pytest, pytest_benchmark, ninja, matplotlib, setuptools, wheel" 2>/dev/null || \
 		$(PIP) install numpy pytest pytest-benchmark ninja matplotlib "setuptools>=64" wheel
-	$(PY) -c "import transformers, sklearn" 2>/dev/null || $(PIP) install $(OPTIONAL_DEPS) || \
+	$(PY) -c "import transformers, sklearn, accelerate" 2>/dev/null || $(PIP) install $(OPTIONAL_DEPS) || \
 		echo "note: optional packages ($(OPTIONAL_DEPS)) not installed; their tests are skipped"
 	$(PIP) show megatron-core >/dev/null 2>&1 || $(PIP) install --no-deps "megatron-core==0.16.1" "packaging>=24.2" || \
 		echo "note: megatron-core not installed; its tests are skipped"

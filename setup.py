@@ -95,7 +95,8 @@ setup(
     package_dir={"step_kernels": "step_kernels", "step_kernels.triton_kernels": "triton_kernels"},
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],
-    extras_require={"triton": ["triton>=3.6"], "test": ["pytest", "numpy"]},
+    # examples/hf_trainer.py (tested with transformers 5.24.0 and accelerate 1.15.0, the Makefile's pins)
+    extras_require={"triton": ["triton>=3.6"], "test": ["pytest", "numpy"], "examples": ["transformers", "accelerate"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,
