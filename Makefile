@@ -20,11 +20,14 @@ setup: $(DEPS_STAMP)
 $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 
+# setuptools>=77: pyproject.toml's license is an SPDX expression (PEP 639).
 $(DEPS_STAMP): $(PY) Makefile
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	$(PY) -c "import triton" 2>/dev/null || $(PIP) install "triton>=3.6,<4"
-	$(PY) -c "import numpy, pytest, pytest_benchmark, ninja, matplotlib, setuptools, wheel" 2>/dev/null || \
-		$(PIP) install numpy pytest pytest-benchmark ninja matplotlib "setuptools>=64" wheel
+	$(PY) -c "import numpy, pytest, pytest_benchmark, ninja, matplotlib, wheel" 2>/dev/null || \
+		$(PIP) install numpy pytest pytest-benchmark ninja matplotlib wheel
+	$(PY) -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)" 2>/dev/null || \
+		$(PIP) install "setuptools>=77"
 	$(PY) -c "import transformers, sklearn" 2>/dev/null || $(PIP) install $(OPTIONAL_DEPS) || \
 		echo "note: optional packages ($(OPTIONAL_DEPS)) not installed; their tests are skipped"
 	$(PIP) show megatron-core >/dev/null 2>&1 || $(PIP) install --no-deps "megatron-core==0.16.1" "packaging>=24.2" || \
