@@ -13,7 +13,7 @@ BUILD_STAMP := $(VENV)/.build-ready
 OPTIONAL_DEPS := transformers==5.24.0 scikit-learn==1.9.1
 CSRC := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
 
-.PHONY: setup build test pytest cmake-test demo bench clean gpu-check gpu-check-dry-run
+.PHONY: setup build test pytest cmake-test lint demo bench clean gpu-check gpu-check-dry-run
 
 setup: $(DEPS_STAMP)
 
@@ -42,6 +42,15 @@ $(BUILD_STAMP): $(DEPS_STAMP) setup.py pyproject.toml $(CSRC)
 
 pytest: $(BUILD_STAMP)
 	$(PY) -m pytest -q tests
+
+# `make lint`: ruff (configured in pyproject.toml) over the Python tree. The version is pinned (as in
+# pyproject.toml's dev extra) so a new release cannot add findings on its own.
+RUFF_VERSION := 0.17.6
+RUFF := $(VENV)/bin/ruff
+
+lint: $(PY)
+	$(RUFF) --version 2>/dev/null | grep -qx "ruff $(RUFF_VERSION)" || $(PIP) install "ruff==$(RUFF_VERSION)"
+	$(RUFF) check .
 
 cmake-test:
 	cmake -S . -B cmake-build -DCMAKE_BUILD_TYPE=Release
