@@ -43,14 +43,20 @@ $(BUILD_STAMP): $(DEPS_STAMP) setup.py pyproject.toml $(CSRC)
 pytest: $(BUILD_STAMP)
 	$(PY) -m pytest -q tests
 
-# `make lint`: ruff (configured in pyproject.toml) over the Python tree. The version is pinned (as in
-# pyproject.toml's dev extra) so a new release cannot add findings on its own.
+# `make lint`: ruff (configured in pyproject.toml) over the Python tree and clang-format (.clang-format)
+# over csrc/. Versions are pinned (as in pyproject.toml's dev extra) so a new release cannot add
+# findings on its own.
 RUFF_VERSION := 0.17.6
+CLANG_FORMAT_VERSION := 23.1.5
 RUFF := $(VENV)/bin/ruff
+CLANG_FORMAT := $(VENV)/bin/clang-format
 
 lint: $(PY)
 	$(RUFF) --version 2>/dev/null | grep -qx "ruff $(RUFF_VERSION)" || $(PIP) install "ruff==$(RUFF_VERSION)"
+	$(CLANG_FORMAT) --version 2>/dev/null | grep -q "version $(CLANG_FORMAT_VERSION)$$" || \
+		$(PIP) install "clang-format==$(CLANG_FORMAT_VERSION)"
 	$(RUFF) check .
+	$(CLANG_FORMAT) --dry-run --Werror $(CSRC) $(wildcard csrc/tests/*.cpp)
 
 cmake-test:
 	cmake -S . -B cmake-build -DCMAKE_BUILD_TYPE=Release

@@ -24,9 +24,9 @@ struct StepScalarsF {
   float one_minus_beta1;  // the lerp weight
   float beta2;
   float one_minus_beta2;
-  float step_size;        // lr / (1 - beta1^t)
-  float neg_step_size;    // -step_size, the addcdiv_ value
-  float bc2_sqrt;         // sqrt(1 - beta2^t)
+  float step_size;      // lr / (1 - beta1^t)
+  float neg_step_size;  // -step_size, the addcdiv_ value
+  float bc2_sqrt;       // sqrt(1 - beta2^t)
   float eps;
   float srste_decay;
 };
@@ -124,8 +124,7 @@ STEP_HOST_DEVICE float adam_update_frozen(float w, float m, float p, const StepS
 // The whole update of one element, in place on w, m and (when live) v. Returns |v_new - v_old|
 // in fp32 (the AutoSwitch term; 0 when frozen). `second` is v, or p when frozen (read only).
 template <bool MASKED, bool FROZEN>
-STEP_HOST_DEVICE float step_element(float& w, float g, float& m, float& second, bool keep_old,
-                           const StepScalarsF& s) {
+STEP_HOST_DEVICE float step_element(float& w, float g, float& m, float& second, bool keep_old, const StepScalarsF& s) {
   if (MASKED) g = srste_grad(g, w, keep_old, s.srste_decay);
   float wd = w * s.decay_factor;
   m = adam_exp_avg(m, g, s);

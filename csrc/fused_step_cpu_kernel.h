@@ -134,8 +134,8 @@ inline int64_t select_contiguous_m(const float* __restrict w, int32_t* __restric
 }
 
 template <int OUT>
-inline int64_t select_contiguous_out(const float* w, int32_t* keep, int64_t len, int n, int m,
-                                     const int32_t* before, void* out) {
+inline int64_t select_contiguous_out(const float* w, int32_t* keep, int64_t len, int n, int m, const int32_t* before,
+                                     void* out) {
   switch (m) {
     case 2: return select_contiguous_m<2, OUT>(w, keep, len, n, before, out);
     case 4: return select_contiguous_m<4, OUT>(w, keep, len, n, before, out);
@@ -154,8 +154,7 @@ inline int64_t select_contiguous(const float* w, int32_t* keep, int64_t len, int
 
 // Groups run across m rows of `cols` keys (key[i * cols + c] is entry i of group c): the strided
 // orientation (Conv1D). Lanes run over columns.
-inline void select_rows(const int32_t* __restrict key, int32_t* __restrict keep, int64_t cols, int n,
-                        int m) {
+inline void select_rows(const int32_t* __restrict key, int32_t* __restrict keep, int64_t cols, int n, int m) {
   for (int i = 0; i < m; ++i) {
     int32_t* __restrict rank = keep + i * cols;
     const int32_t* __restrict ki = key + i * cols;
@@ -235,9 +234,9 @@ inline void update_tile(const Plan& plan, const TensorPlan& t, const Chunk& c, c
                         ChunkStats& stats) {
   for (int i = 0; i < c.nseg; ++i) {
     const int64_t off = c.base + i * c.seg_stride;
-    update_segment<G, S, MASKED, FROZEN, SCALE, STATS>(
-        t.w + off, static_cast<const G*>(t.g) + off, t.m + off, static_cast<S*>(t.second) + off,
-        keep_old + i * c.seg_len, c.seg_len, plan.scalars, plan.scale, stats);
+    update_segment<G, S, MASKED, FROZEN, SCALE, STATS>(t.w + off, static_cast<const G*>(t.g) + off, t.m + off,
+                                                       static_cast<S*>(t.second) + off, keep_old + i * c.seg_len,
+                                                       c.seg_len, plan.scalars, plan.scale, stats);
   }
 }
 

@@ -27,13 +27,17 @@ namespace pack24 {
 struct Half {
   using raw = uint16_t;
   static constexpr uint16_t kInfBits = 0x7c00;
-  STEP_HOST_DEVICE static int32_t key(raw x) { return static_cast<int32_t>(((x & 0x7fff) < kInfBits) ? (x & 0x7fff) : kInfBits); }
+  STEP_HOST_DEVICE static int32_t key(raw x) {
+    return static_cast<int32_t>(((x & 0x7fff) < kInfBits) ? (x & 0x7fff) : kInfBits);
+  }
   STEP_HOST_DEVICE static bool nonzero(raw x) { return (x & 0x7fff) != 0; }
 };
 struct BFloat16 {
   using raw = uint16_t;
   static constexpr uint16_t kInfBits = 0x7f80;
-  STEP_HOST_DEVICE static int32_t key(raw x) { return static_cast<int32_t>(((x & 0x7fff) < kInfBits) ? (x & 0x7fff) : kInfBits); }
+  STEP_HOST_DEVICE static int32_t key(raw x) {
+    return static_cast<int32_t>(((x & 0x7fff) < kInfBits) ? (x & 0x7fff) : kInfBits);
+  }
   STEP_HOST_DEVICE static bool nonzero(raw x) { return (x & 0x7fff) != 0; }
 };
 struct Int8 {
@@ -59,7 +63,9 @@ STEP_HOST_DEVICE int popcount4(uint32_t x) { return (x & 1u) + ((x >> 1) & 1u) +
 
 // x[i] with constant indices only, so a CUDA thread keeps its group in registers.
 template <class R>
-STEP_HOST_DEVICE R pick4(const R* x, uint32_t i) { return i == 0 ? x[0] : i == 1 ? x[1] : i == 2 ? x[2] : x[3]; }
+STEP_HOST_DEVICE R pick4(const R* x, uint32_t i) {
+  return i == 0 ? x[0] : i == 1 ? x[1] : i == 2 ? x[2] : x[3];
+}
 
 // Packs one group of 4: writes the two stored values to out[0..1] and returns the nibble, with
 // bit 4 set when the group has more than two nonzeros (an error without prune).
@@ -147,12 +153,26 @@ STEP_HOST_DEVICE int64_t meta_offset(int64_t r, int64_t c, int64_t m, bool int32
 
 // Shape limits of SparseSemiStructuredTensorCUTLASS (the GEMM's minimum tile): rows must be a
 // positive multiple of kRowMultiple, columns of kColMultiple.
-template <class T> struct Limits { static constexpr int64_t kRowMultiple = 32, kColMultiple = 64; };
-template <> struct Limits<Int8> { static constexpr int64_t kRowMultiple = 16, kColMultiple = 128; };
+template <class T>
+struct Limits {
+  static constexpr int64_t kRowMultiple = 32, kColMultiple = 64;
+};
+template <>
+struct Limits<Int8> {
+  static constexpr int64_t kRowMultiple = 16, kColMultiple = 128;
+};
 
 // Groups per logical meta word: 4 for int16 meta, 8 for int32 meta.
-template <class T> struct Meta { using word = int16_t; static constexpr int kGroups = 4; };
-template <> struct Meta<Int8> { using word = int32_t; static constexpr int kGroups = 8; };
+template <class T>
+struct Meta {
+  using word = int16_t;
+  static constexpr int kGroups = 4;
+};
+template <>
+struct Meta<Int8> {
+  using word = int32_t;
+  static constexpr int kGroups = 8;
+};
 
 // Index of the first group of a row with more than two nonzeros, or -1 (the error path).
 template <class T>
