@@ -13,18 +13,21 @@ BUILD_STAMP := $(VENV)/.build-ready
 OPTIONAL_DEPS := transformers==5.24.0 scikit-learn==1.9.1 accelerate==1.15.0
 CSRC := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
 
-.PHONY: setup build test pytest cmake-test demo bench clean gpu-check gpu-check-dry-run
+.PHONY: setup build test pytest cmake-test lint demo bench clean gpu-check gpu-check-dry-run
 
 setup: $(DEPS_STAMP)
 
 $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 
+# setuptools>=77: pyproject.toml's license is an SPDX expression (PEP 639).
 $(DEPS_STAMP): $(PY) Makefile
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	$(PY) -c "import triton" 2>/dev/null || $(PIP) install "triton>=3.6,<4"
-	$(PY) -c "import numpy, pytest, pytest_benchmark, ninja, matplotlib, setuptools, wheel" 2>/dev/null || \
-		$(PIP) install numpy pytest pytest-benchmark ninja matplotlib "setuptools>=64" wheel
+	$(PY) -c "import numpy, pytest, pytest_benchmark, ninja, matplotlib, wheel" 2>/dev/null || \
+		$(PIP) install numpy pytest pytest-benchmark ninja matplotlib wheel
+	$(PY) -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)" 2>/dev/null || \
+		$(PIP) install "setuptools>=77"
 	$(PY) -c "import transformers, sklearn, accelerate" 2>/dev/null || $(PIP) install $(OPTIONAL_DEPS) || \
 		echo "note: optional packages ($(OPTIONAL_DEPS)) not installed; their tests are skipped"
 	$(PIP) show megatron-core >/dev/null 2>&1 || $(PIP) install --no-deps "megatron-core==0.16.1" "packaging>=24.2" || \
@@ -39,6 +42,21 @@ $(BUILD_STAMP): $(DEPS_STAMP) setup.py pyproject.toml $(CSRC)
 
 pytest: $(BUILD_STAMP)
 	$(PY) -m pytest -q tests
+
+# `make lint`: ruff (configured in pyproject.toml) over the Python tree and clang-format (.clang-format)
+# over csrc/. Versions are pinned (as in pyproject.toml's dev extra) so a new release cannot add
+# findings on its own.
+RUFF_VERSION := 0.17.6
+CLANG_FORMAT_VERSION := 23.1.5
+RUFF := $(VENV)/bin/ruff
+CLANG_FORMAT := $(VENV)/bin/clang-format
+
+lint: $(PY)
+	$(RUFF) --version 2>/dev/null | grep -qx "ruff $(RUFF_VERSION)" || $(PIP) install "ruff==$(RUFF_VERSION)"
+	$(CLANG_FORMAT) --version 2>/dev/null | grep -q "version $(CLANG_FORMAT_VERSION)$$" || \
+		$(PIP) install "clang-format==$(CLANG_FORMAT_VERSION)"
+	$(RUFF) check .
+	$(CLANG_FORMAT) --dry-run --Werror $(CSRC) $(wildcard csrc/tests/*.cpp)
 
 cmake-test:
 	cmake -S . -B cmake-build -DCMAKE_BUILD_TYPE=Release

@@ -11,16 +11,10 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-def read_version():
-    with open(os.path.join(ROOT, "step_kernels", "__init__.py")) as f:
-        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
 
 
 def nvcc_major(nvcc):
@@ -87,16 +81,10 @@ def extension_modules():
 
 ext_modules, cmdclass = extension_modules()
 
+# Package metadata (name, version, dependencies, extras) is in pyproject.toml's [project].
 setup(
-    name="step-kernels",
-    version=read_version(),
-    description="Fused kernels and a PyTorch optimizer for STEP: learning N:M sparsity masks with Adam",
     packages=["step_kernels", "step_kernels.triton_kernels"],
     package_dir={"step_kernels": "step_kernels", "step_kernels.triton_kernels": "triton_kernels"},
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
-    # examples/hf_trainer.py (tested with transformers 5.24.0 and accelerate 1.15.0, the Makefile's pins)
-    extras_require={"triton": ["triton>=3.6"], "test": ["pytest", "numpy"], "examples": ["transformers", "accelerate"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

@@ -91,8 +91,9 @@ def run(device: torch.device, quick: bool, progress: Callable[[str], None] = pri
                   for _ in range(count)]
         out = [torch.empty(SHAPE, device=device, dtype=dtype) for _ in range(count)] if masked else [None] * count
 
+        # F821 (below) is a false finding: ruff takes the `del` that frees the tensors for an earlier unbinding.
         def step():
-            fused_step(w, g, m1, second, out, masked=masked, frozen_v=frozen, n=2 if masked else 0,
+            fused_step(w, g, m1, second, out, masked=masked, frozen_v=frozen, n=2 if masked else 0,  # noqa: F821
                        m=4 if masked else 0, group_dims=[1] * count if masked else None, scalars=scalars)
 
         step()

@@ -271,7 +271,8 @@ def dry_run(reason: str) -> int:
                  "fused_step": estimate_fused_step(), "pack24": estimate_pack24(),
                  "sparse_linear": estimate_sparse_linear()}
     print(f"GPU check plan: {len(STAGES)} stages, hard total {TOTAL_S} s; estimates for one H200 "
-          f"(HBM ~{HBM_BYTES_PER_S / 1e12:.0f} TB/s, GEMM ~{GEMM_FLOP_PER_S / 1e12:.0f} TFLOP/s, {WORKERS} test workers)")
+          f"(HBM ~{HBM_BYTES_PER_S / 1e12:.0f} TB/s, GEMM ~{GEMM_FLOP_PER_S / 1e12:.0f} TFLOP/s, "
+          f"{WORKERS} test workers)")
     print("| stage | budget s | est. H200 s | what | estimate from |\n|---|---|---|---|---|")
     for stage in STAGES:
         seconds, note = estimates[stage.name]
@@ -531,7 +532,8 @@ def markdown(results: Results, targets: List[Dict]) -> str:
     for name, rows in results.rows.items():
         if rows:
             module, _ = bench_chunks(name)
-            lines += ["", f"## {name}", "", (module.__doc__ or "").strip().splitlines()[0], "", module.to_markdown(rows)]
+            lines += ["", f"## {name}", "", (module.__doc__ or "").strip().splitlines()[0], "",
+                      module.to_markdown(rows)]
     failed = [n for n, o in results.tests.items() if o in ("FAILED", "ERROR")]
     if failed:
         lines += ["", "## failed tests", ""] + [f"- `{n}`" for n in failed]

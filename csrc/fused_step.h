@@ -13,17 +13,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "host_device.h"
 #include "nm_select.h"
-
-// Always inlined: the CPU kernel is compiled once per instruction set (fused_step_cpu.cpp), and a
-// call left out of line would run this baseline x86-64 copy (fmaf becomes a libm call).
-#if defined(__CUDACC__)
-#define STEP_HD_INLINE __host__ __device__ __forceinline__
-#elif defined(__GNUC__)
-#define STEP_HD_INLINE inline __attribute__((always_inline))
-#else
-#define STEP_HD_INLINE inline
-#endif
 
 namespace step_kernels {
 
@@ -33,14 +24,14 @@ struct StepScalarsF {
   float one_minus_beta1;  // the lerp weight
   float beta2;
   float one_minus_beta2;
-  float step_size;        // lr / (1 - beta1^t)
-  float neg_step_size;    // -step_size, the addcdiv_ value
-  float bc2_sqrt;         // sqrt(1 - beta2^t)
+  float step_size;      // lr / (1 - beta1^t)
+  float neg_step_size;  // -step_size, the addcdiv_ value
+  float bc2_sqrt;       // sqrt(1 - beta2^t)
   float eps;
   float srste_decay;
 };
 
-STEP_HD_INLINE uint32_t f32_bits(float x) {
+STEP_HOST_DEVICE uint32_t f32_bits(float x) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(x);
 #else
@@ -50,7 +41,7 @@ STEP_HD_INLINE uint32_t f32_bits(float x) {
 #endif
 }
 
-STEP_HD_INLINE float f32_from_bits(uint32_t u) {
+STEP_HOST_DEVICE float f32_from_bits(uint32_t u) {
 #if defined(__CUDA_ARCH__)
   return __uint_as_float(u);
 #else
@@ -62,23 +53,23 @@ STEP_HD_INLINE float f32_from_bits(uint32_t u) {
 
 // N:M selection key as an integer: |x| with NaN mapped to +inf. For non-negative floats the bit
 // patterns order as the values do, so comparing these keys equals comparing nm_key(x).
-STEP_HD_INLINE int32_t nm_key_bits(float x) {
+STEP_HOST_DEVICE int32_t nm_key_bits(float x) {
   const uint32_t a = f32_bits(x) & 0x7fffffffu;
   return static_cast<int32_t>(a > 0x7f800000u ? 0x7f800000u : a);
 }
 
 // fp32 -> bf16 bits, round to nearest even; NaN -> 0x7fc0 (c10::BFloat16's rule).
-STEP_HD_INLINE uint16_t bf16_from_f32(float x) {
+STEP_HOST_DEVICE uint16_t bf16_from_f32(float x) {
   const uint32_t u = f32_bits(x);
   const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   return static_cast<uint16_t>(x != x ? 0x7fc0u : rounded);
 }
 
-STEP_HD_INLINE float f32_from_bf16(uint16_t h) { return f32_from_bits(static_cast<uint32_t>(h) << 16); }
+STEP_HOST_DEVICE float f32_from_bf16(uint16_t h) { return f32_from_bits(static_cast<uint32_t>(h) << 16); }
 
 // fp32 -> fp16 bits, round to nearest even, with subnormals, inf and NaN (0x7e00 | sign): the
 // branch-free algorithm of c10's fp16_ieee_from_fp32_value, which vectorizes.
-STEP_HD_INLINE uint16_t f16_from_f32(float x) {
+STEP_HOST_DEVICE uint16_t f16_from_f32(float x) {
   const float scale_to_inf = f32_from_bits(0x77800000u);   // 2^112
   const float scale_to_zero = f32_from_bits(0x08800000u);  // 2^-110
   float base = (fabsf(x) * scale_to_inf) * scale_to_zero;
@@ -96,7 +87,7 @@ STEP_HD_INLINE uint16_t f16_from_f32(float x) {
 }
 
 // fp16 bits -> fp32, exact (c10's fp16_ieee_to_fp32_value).
-STEP_HD_INLINE float f32_from_f16(uint16_t h) {
+STEP_HOST_DEVICE float f32_from_f16(uint16_t h) {
   const uint32_t w = static_cast<uint32_t>(h) << 16;
   const uint32_t sign = w & 0x80000000u;
   const uint32_t two_w = w + w;
@@ -108,33 +99,32 @@ STEP_HD_INLINE float f32_from_f16(uint16_t h) {
 }
 
 // SR-STE gradient: the decay term is added on pruned entries only; kept entries get g + 0.
-STEP_HD_INLINE float srste_grad(float g, float w, bool keep_old, float srste_decay) {
+STEP_HOST_DEVICE float srste_grad(float g, float w, bool keep_old, float srste_decay) {
   return g + (keep_old ? 0.0f : srste_decay * w);
 }
 
-STEP_HD_INLINE float adam_exp_avg(float m, float g, const StepScalarsF& s) {
+STEP_HOST_DEVICE float adam_exp_avg(float m, float g, const StepScalarsF& s) {
   return fmaf(s.one_minus_beta1, g - m, m);
 }
 
-STEP_HD_INLINE float adam_exp_avg_sq(float v, float g, const StepScalarsF& s) {
+STEP_HOST_DEVICE float adam_exp_avg_sq(float v, float g, const StepScalarsF& s) {
   return fmaf(s.one_minus_beta2 * g, g, v * s.beta2);
 }
 
 // w (already decayed) after the Adam update with the live second moment v.
-STEP_HD_INLINE float adam_update_live(float w, float m, float v, const StepScalarsF& s) {
+STEP_HOST_DEVICE float adam_update_live(float w, float m, float v, const StepScalarsF& s) {
   return w + (s.neg_step_size * m) / (sqrtf(v) / s.bc2_sqrt + s.eps);
 }
 
 // w (already decayed) after the update with the frozen preconditioner p.
-STEP_HD_INLINE float adam_update_frozen(float w, float m, float p, const StepScalarsF& s) {
+STEP_HOST_DEVICE float adam_update_frozen(float w, float m, float p, const StepScalarsF& s) {
   return w - s.step_size * (m * p);
 }
 
 // The whole update of one element, in place on w, m and (when live) v. Returns |v_new - v_old|
 // in fp32 (the AutoSwitch term; 0 when frozen). `second` is v, or p when frozen (read only).
 template <bool MASKED, bool FROZEN>
-STEP_HD_INLINE float step_element(float& w, float g, float& m, float& second, bool keep_old,
-                           const StepScalarsF& s) {
+STEP_HOST_DEVICE float step_element(float& w, float g, float& m, float& second, bool keep_old, const StepScalarsF& s) {
   if (MASKED) g = srste_grad(g, w, keep_old, s.srste_decay);
   float wd = w * s.decay_factor;
   m = adam_exp_avg(m, g, s);

@@ -149,18 +149,17 @@ DType dtype_code(const at::Tensor& t, const char* what, int64_t i) {
 void check_like(const at::Tensor& t, const at::Tensor& w, const char* what, int64_t i) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), "fused_step: ", what, "[", i, "] is on ", t.device(),
                     "; the 'cpu' backend takes CPU tensors");
-  TORCH_CHECK_VALUE(t.sizes() == w.sizes(), "fused_step: ", what, "[", i, "] has shape ", t.sizes(),
-                    " but weights[", i, "] has shape ", w.sizes());
+  TORCH_CHECK_VALUE(t.sizes() == w.sizes(), "fused_step: ", what, "[", i, "] has shape ", t.sizes(), " but weights[", i,
+                    "] has shape ", w.sizes());
 }
 
 void check_in_place(const at::Tensor& t, const char* what, int64_t i) {
-  TORCH_CHECK_VALUE(t.is_contiguous(), "fused_step: ", what, "[", i, "] (shape ", t.sizes(),
-                    ", strides ", t.strides(), ") must be contiguous: it is updated in place");
+  TORCH_CHECK_VALUE(t.is_contiguous(), "fused_step: ", what, "[", i, "] (shape ", t.sizes(), ", strides ", t.strides(),
+                    ") must be contiguous: it is updated in place");
 }
 
 // Chunks of tensor `ti`: whole N:M groups, kChunk elements or m rows x (kChunk / m) columns.
-void add_chunks(std::vector<Chunk>& chunks, int32_t ti, const at::Tensor& w, bool masked, int64_t m,
-                int64_t dim) {
+void add_chunks(std::vector<Chunk>& chunks, int32_t ti, const at::Tensor& w, bool masked, int64_t m, int64_t dim) {
   const int64_t numel = w.numel();
   int64_t inner = 1;
   if (masked)
@@ -174,28 +173,29 @@ void add_chunks(std::vector<Chunk>& chunks, int32_t ti, const at::Tensor& w, boo
   const int64_t cols = std::min(inner, kChunk / m);
   for (int64_t r = 0; r < rows; r += m)
     for (int64_t c = 0; c < inner; c += cols)
-      chunks.push_back({r * inner + c, inner, static_cast<int32_t>(std::min(cols, inner - c)),
-                        static_cast<int32_t>(m), ti});
+      chunks.push_back(
+          {r * inner + c, inner, static_cast<int32_t>(std::min(cols, inner - c)), static_cast<int32_t>(m), ti});
 }
 
 at::Tensor fused_step_cpu(at::TensorList weights, at::TensorList grads, at::TensorList exp_avgs,
                           at::TensorList second_moments, const c10::List<std::optional<at::Tensor>>& model_params,
                           bool masked, bool frozen_v, int64_t n, int64_t m, at::IntArrayRef group_dims,
                           double decay_factor, double beta1, double one_minus_beta1, double beta2,
-                          double one_minus_beta2, double step_size, double bc2_sqrt, double eps,
-                          double srste_decay, const std::optional<at::Tensor>& grad_scale,
-                          const std::optional<at::Tensor>& found_inf, bool compute_stats) {
+                          double one_minus_beta2, double step_size, double bc2_sqrt, double eps, double srste_decay,
+                          const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                          bool compute_stats) {
   (void)beta1;  // torch's lerp_ uses 1 - beta1 only
   const int64_t count = static_cast<int64_t>(weights.size());
-  TORCH_CHECK_VALUE(static_cast<int64_t>(grads.size()) == count && static_cast<int64_t>(exp_avgs.size()) == count &&
-                        static_cast<int64_t>(second_moments.size()) == count &&
-                        static_cast<int64_t>(model_params.size()) == count,
-                    "fused_step: weights, grads, exp_avgs, second_moments and model_params must have the same "
-                    "length, got ", count, ", ", grads.size(), ", ", exp_avgs.size(), ", ", second_moments.size(),
-                    ", ", model_params.size());
+  TORCH_CHECK_VALUE(
+      static_cast<int64_t>(grads.size()) == count && static_cast<int64_t>(exp_avgs.size()) == count &&
+          static_cast<int64_t>(second_moments.size()) == count && static_cast<int64_t>(model_params.size()) == count,
+      "fused_step: weights, grads, exp_avgs, second_moments and model_params must have the same "
+      "length, got ",
+      count, ", ", grads.size(), ", ", exp_avgs.size(), ", ", second_moments.size(), ", ", model_params.size());
   TORCH_CHECK_VALUE(!frozen_v || masked, "fused_step: frozen_v=True requires masked=True");
   if (masked) {
-    TORCH_CHECK_VALUE(m >= 2 && m <= 32 && (m & (m - 1)) == 0, "fused_step: M must be a power of two from 2 to 32, got ", m);
+    TORCH_CHECK_VALUE(m >= 2 && m <= 32 && (m & (m - 1)) == 0,
+                      "fused_step: M must be a power of two from 2 to 32, got ", m);
     TORCH_CHECK_VALUE(n >= 1 && n < m, "fused_step: N must satisfy 1 <= N < M, got N=", n, " M=", m);
     TORCH_CHECK_VALUE(static_cast<int64_t>(group_dims.size()) == count, "fused_step: group_dims has ",
                       group_dims.size(), " entries for ", count, " tensors");
@@ -228,8 +228,8 @@ at::Tensor fused_step_cpu(at::TensorList weights, at::TensorList grads, at::Tens
                      exp_avgs[i].scalar_type());
     check_in_place(exp_avgs[i], "exp_avgs", i);
     const DType second_type = dtype_code(second_moments[i], "second_moments", i);
-    TORCH_CHECK_TYPE(second_type == DType::F32 || (frozen_v && second_type == DType::BF16), "fused_step: second_moments[",
-                     i, "] has dtype ", second_moments[i].scalar_type(),
+    TORCH_CHECK_TYPE(second_type == DType::F32 || (frozen_v && second_type == DType::BF16),
+                     "fused_step: second_moments[", i, "] has dtype ", second_moments[i].scalar_type(),
                      frozen_v ? "; the preconditioner must be float32 or bfloat16" : "; v must be float32");
     if (frozen_v) {
       TORCH_CHECK_VALUE(second_moments[i].is_contiguous(), "fused_step: second_moments[", i, "] must be contiguous");
@@ -245,8 +245,9 @@ at::Tensor fused_step_cpu(at::TensorList weights, at::TensorList grads, at::Tens
       check_like(*out_t, w, "model_params", i);
       out_type = dtype_code(*out_t, "model_params", i);
       check_in_place(*out_t, "model_params", i);
-      TORCH_CHECK_VALUE(!out_t->is_same(w) && (w.numel() == 0 || out_t->data_ptr() != w.data_ptr()), "fused_step: model_params[", i,
-                        "] is weights[", i, "]; pass None when the master is the model parameter");
+      TORCH_CHECK_VALUE(!out_t->is_same(w) && (w.numel() == 0 || out_t->data_ptr() != w.data_ptr()),
+                        "fused_step: model_params[", i, "] is weights[", i,
+                        "]; pass None when the master is the model parameter");
       out = out_t->data_ptr();
     }
     int64_t dim = 0;
@@ -257,8 +258,8 @@ at::Tensor fused_step_cpu(at::TensorList weights, at::TensorList grads, at::Tens
                         " (shape ", w.sizes(), ") is not divisible by M=", m);
     }
     if (w.numel() == 0) continue;
-    tensors.push_back({w.data_ptr<float>(), g.data_ptr(), exp_avgs[i].data_ptr<float>(),
-                       second_moments[i].data_ptr(), out, g_type, second_type, out_type});
+    tensors.push_back({w.data_ptr<float>(), g.data_ptr(), exp_avgs[i].data_ptr<float>(), second_moments[i].data_ptr(),
+                       out, g_type, second_type, out_type});
     add_chunks(chunks, static_cast<int32_t>(tensors.size() - 1), w, masked, m, dim);
   }
   at::Tensor totals = at::zeros({3}, at::TensorOptions().dtype(at::kDouble));

@@ -28,7 +28,7 @@ typedef int32_t v16i __attribute__((vector_size(64)));
 
 // rank += [entry (i + S) mod M of the group beats entry i], for 16 lanes holding 16 / M groups.
 template <int M, int S>
-STEP_HD_INLINE void rank_add(const v16i& key, v16i& rank) {
+STEP_HOST_DEVICE void rank_add(const v16i& key, v16i& rank) {
   const v16i lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   const v16i other = __builtin_shuffle(key, (lane & ~(M - 1)) | ((lane + S) & (M - 1)));
   const v16i other_is_lower = (lane & (M - 1)) >= (M - S);  // -1 where (i + S) mod M < i, else 0
@@ -38,7 +38,7 @@ STEP_HD_INLINE void rank_add(const v16i& key, v16i& rank) {
 }
 
 template <int M, int... S>
-STEP_HD_INLINE v16i rank16(const v16i& key, std::integer_sequence<int, S...>) {
+STEP_HOST_DEVICE v16i rank16(const v16i& key, std::integer_sequence<int, S...>) {
   v16i rank = {};
   (rank_add<M, S + 1>(key, rank), ...);
   return rank;
@@ -53,7 +53,7 @@ enum OutKind { kNoOut = 0, kOutF32 = 1, kOutBF16 = 2 };
 // kept[e] = 1 when entry e of the 16 lanes (16 / M groups of M consecutive weights) is among the
 // n winners of its group; `bits` are the weights' fp32 bits, the keys made in registers.
 template <int M>
-STEP_HD_INLINE v16i keep16(const v16i& bits, int n) {
+STEP_HOST_DEVICE v16i keep16(const v16i& bits, int n) {
   const v16i magnitude = bits & 0x7fffffff;
   const v16i key = magnitude > 0x7f800000 ? 0x7f800000 : magnitude;  // NaN counts as +inf
 #if defined(STEP_CPU_AVX512)
@@ -79,7 +79,7 @@ STEP_HD_INLINE v16i keep16(const v16i& bits, int n) {
 
 // Writes the model parameter of 16 lanes: kept ? w : +0.0 (bf16: round to nearest even, NaN -> 0x7fc0).
 template <int OUT>
-STEP_HD_INLINE void store_out16(const v16i& bits, const v16i& kept, void* __restrict out) {
+STEP_HOST_DEVICE void store_out16(const v16i& bits, const v16i& kept, void* __restrict out) {
   if constexpr (OUT == kOutF32) {
     const v16i masked = bits & -kept;  // pruned: +0.0
     std::memcpy(out, &masked, sizeof masked);
@@ -134,8 +134,8 @@ inline int64_t select_contiguous_m(const float* __restrict w, int32_t* __restric
 }
 
 template <int OUT>
-inline int64_t select_contiguous_out(const float* w, int32_t* keep, int64_t len, int n, int m,
-                                     const int32_t* before, void* out) {
+inline int64_t select_contiguous_out(const float* w, int32_t* keep, int64_t len, int n, int m, const int32_t* before,
+                                     void* out) {
   switch (m) {
     case 2: return select_contiguous_m<2, OUT>(w, keep, len, n, before, out);
     case 4: return select_contiguous_m<4, OUT>(w, keep, len, n, before, out);
@@ -154,8 +154,7 @@ inline int64_t select_contiguous(const float* w, int32_t* keep, int64_t len, int
 
 // Groups run across m rows of `cols` keys (key[i * cols + c] is entry i of group c): the strided
 // orientation (Conv1D). Lanes run over columns.
-inline void select_rows(const int32_t* __restrict key, int32_t* __restrict keep, int64_t cols, int n,
-                        int m) {
+inline void select_rows(const int32_t* __restrict key, int32_t* __restrict keep, int64_t cols, int n, int m) {
   for (int i = 0; i < m; ++i) {
     int32_t* __restrict rank = keep + i * cols;
     const int32_t* __restrict ki = key + i * cols;
@@ -235,9 +234,9 @@ inline void update_tile(const Plan& plan, const TensorPlan& t, const Chunk& c, c
                         ChunkStats& stats) {
   for (int i = 0; i < c.nseg; ++i) {
     const int64_t off = c.base + i * c.seg_stride;
-    update_segment<G, S, MASKED, FROZEN, SCALE, STATS>(
-        t.w + off, static_cast<const G*>(t.g) + off, t.m + off, static_cast<S*>(t.second) + off,
-        keep_old + i * c.seg_len, c.seg_len, plan.scalars, plan.scale, stats);
+    update_segment<G, S, MASKED, FROZEN, SCALE, STATS>(t.w + off, static_cast<const G*>(t.g) + off, t.m + off,
+                                                       static_cast<S*>(t.second) + off, keep_old + i * c.seg_len,
+                                                       c.seg_len, plan.scalars, plan.scale, stats);
   }
 }
 

@@ -65,10 +65,10 @@ std::tuple<at::Tensor, at::Tensor> nm_prune_cpu(const at::Tensor& w_in, int64_t 
   TORCH_CHECK_VALUE(w_in.size(d) % m == 0, "w: size ", w_in.size(d), " of dim ", d, " (shape ", w_in.sizes(),
                     ") is not divisible by M=", m);
   const at::ScalarType dtype = w_in.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble ||
-                       dtype == at::kChar,
-                   "w: the cpu nm_prune takes float32, float16, bfloat16, float64 or int8, got torch.",
-                   c10::getDtypeNames(dtype).first);
+  TORCH_CHECK_TYPE(
+      dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble || dtype == at::kChar,
+      "w: the cpu nm_prune takes float32, float16, bfloat16, float64 or int8, got torch.",
+      c10::getDtypeNames(dtype).first);
   TORCH_CHECK_VALUE(w_in.device().is_cpu(), "w: the cpu nm_prune takes CPU tensors, got ", w_in.device());
   const at::Tensor w = w_in.contiguous();
   at::Tensor out = at::empty_like(w, at::MemoryFormat::Contiguous);

@@ -10,29 +10,25 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define STEP_HD __host__ __device__ __forceinline__
-#else
-#define STEP_HD inline
-#endif
+#include "host_device.h"
 
 namespace step_kernels {
 
 // Magnitude key with NaN mapped to +inf. Works for float, double and for integer types widened to
 // int32 (|-128| does not fit in int8, so int8 callers pass int32).
-STEP_HD float nm_key(float x) {
+STEP_HOST_DEVICE float nm_key(float x) {
   float a = std::fabs(x);
   return (a != a) ? INFINITY : a;
 }
-STEP_HD double nm_key(double x) {
+STEP_HOST_DEVICE double nm_key(double x) {
   double a = std::fabs(x);
   return (a != a) ? INFINITY : a;
 }
-STEP_HD int32_t nm_key(int32_t x) { return x < 0 ? -x : x; }
+STEP_HOST_DEVICE int32_t nm_key(int32_t x) { return x < 0 ? -x : x; }
 
 // Bit i of the result is set when entry i of `keys[0..m)` is kept. m <= 32.
 template <typename Key>
-STEP_HD uint32_t nm_select_keys(const Key* keys, int n, int m) {
+STEP_HOST_DEVICE uint32_t nm_select_keys(const Key* keys, int n, int m) {
   uint32_t kept = 0;
   for (int i = 0; i < m; ++i) {
     int rank = 0;

@@ -32,8 +32,8 @@ union PackedChunk {
 
 template <class T>
 __global__ void __launch_bounds__(kThreadsPerBlock)
-pack24_kernel(const uint4* __restrict__ dense, int64_t rows, int64_t cols, bool prune, uint2* __restrict__ values,
-              typename Meta<T>::word* __restrict__ meta, unsigned long long* __restrict__ first_bad) {
+    pack24_kernel(const uint4* __restrict__ dense, int64_t rows, int64_t cols, bool prune, uint2* __restrict__ values,
+                  typename Meta<T>::word* __restrict__ meta, unsigned long long* __restrict__ first_bad) {
   using C = Chunk<T>;
   const int64_t chunk = static_cast<int64_t>(blockIdx.x) * kThreadsPerBlock + threadIdx.x;
   const int64_t chunks_per_row = cols / C::kElems;
@@ -57,8 +57,8 @@ pack24_kernel(const uint4* __restrict__ dense, int64_t rows, int64_t cols, bool 
 
 template <class T>
 __global__ void __launch_bounds__(kThreadsPerBlock)
-unpack24_kernel(const uint2* __restrict__ values, const typename Meta<T>::word* __restrict__ meta, int64_t rows,
-                int64_t cols, uint4* __restrict__ dense, unsigned long long* __restrict__ first_bad) {
+    unpack24_kernel(const uint2* __restrict__ values, const typename Meta<T>::word* __restrict__ meta, int64_t rows,
+                    int64_t cols, uint4* __restrict__ dense, unsigned long long* __restrict__ first_bad) {
   using C = Chunk<T>;
   using uword = typename std::make_unsigned<typename Meta<T>::word>::type;
   const int64_t chunk = static_cast<int64_t>(blockIdx.x) * kThreadsPerBlock + threadIdx.x;
@@ -112,8 +112,8 @@ cudaError_t launch_pack24(DType dtype, const void* dense, int64_t rows, int64_t 
   return cudaErrorInvalidValue;
 }
 
-cudaError_t launch_unpack24(DType dtype, const void* values, const void* meta, int64_t rows, int64_t cols,
-                            void* dense, unsigned long long* first_bad, cudaStream_t stream) {
+cudaError_t launch_unpack24(DType dtype, const void* values, const void* meta, int64_t rows, int64_t cols, void* dense,
+                            unsigned long long* first_bad, cudaStream_t stream) {
   switch (dtype) {
     case DType::kHalf: return unpack24_typed<Half>(values, meta, rows, cols, dense, first_bad, stream);
     case DType::kBFloat16: return unpack24_typed<BFloat16>(values, meta, rows, cols, dense, first_bad, stream);

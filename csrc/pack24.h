@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "host_device.h"
 #include "nm_select.h"
 
 namespace step_kernels {
@@ -26,25 +27,29 @@ namespace pack24 {
 struct Half {
   using raw = uint16_t;
   static constexpr uint16_t kInfBits = 0x7c00;
-  STEP_HD static int32_t key(raw x) { return static_cast<int32_t>(((x & 0x7fff) < kInfBits) ? (x & 0x7fff) : kInfBits); }
-  STEP_HD static bool nonzero(raw x) { return (x & 0x7fff) != 0; }
+  STEP_HOST_DEVICE static int32_t key(raw x) {
+    return static_cast<int32_t>(((x & 0x7fff) < kInfBits) ? (x & 0x7fff) : kInfBits);
+  }
+  STEP_HOST_DEVICE static bool nonzero(raw x) { return (x & 0x7fff) != 0; }
 };
 struct BFloat16 {
   using raw = uint16_t;
   static constexpr uint16_t kInfBits = 0x7f80;
-  STEP_HD static int32_t key(raw x) { return static_cast<int32_t>(((x & 0x7fff) < kInfBits) ? (x & 0x7fff) : kInfBits); }
-  STEP_HD static bool nonzero(raw x) { return (x & 0x7fff) != 0; }
+  STEP_HOST_DEVICE static int32_t key(raw x) {
+    return static_cast<int32_t>(((x & 0x7fff) < kInfBits) ? (x & 0x7fff) : kInfBits);
+  }
+  STEP_HOST_DEVICE static bool nonzero(raw x) { return (x & 0x7fff) != 0; }
 };
 struct Int8 {
   using raw = int8_t;
-  STEP_HD static int32_t key(raw x) { return nm_key(static_cast<int32_t>(x)); }
-  STEP_HD static bool nonzero(raw x) { return x != 0; }
+  STEP_HOST_DEVICE static int32_t key(raw x) { return nm_key(static_cast<int32_t>(x)); }
+  STEP_HOST_DEVICE static bool nonzero(raw x) { return x != 0; }
 };
 
 // The nibble torch's reference (sparse_semi_structured_from_dense_cutlass) gives a group whose
 // nonzero pattern is `nz` (bit i set: entry i != 0). For exactly two nonzeros it names them; for
 // fewer it names filler positions; for more it drops some (callers reject that case).
-STEP_HD uint32_t ref_nibble(uint32_t nz) {
+STEP_HOST_DEVICE uint32_t ref_nibble(uint32_t nz) {
   const uint32_t m0 = nz & 1u, m1 = (nz >> 1) & 1u, m3 = (nz >> 3) & 1u;
   const uint32_t n0 = m0 ^ 1u, n1 = m1 ^ 1u;
   const uint32_t bit0 = n0 & m1;
@@ -54,11 +59,13 @@ STEP_HD uint32_t ref_nibble(uint32_t nz) {
   return bit0 | (bit1 << 1) | (bit2 << 2) | (bit3 << 3);
 }
 
-STEP_HD int popcount4(uint32_t x) { return (x & 1u) + ((x >> 1) & 1u) + ((x >> 2) & 1u) + ((x >> 3) & 1u); }
+STEP_HOST_DEVICE int popcount4(uint32_t x) { return (x & 1u) + ((x >> 1) & 1u) + ((x >> 2) & 1u) + ((x >> 3) & 1u); }
 
 // x[i] with constant indices only, so a CUDA thread keeps its group in registers.
 template <class R>
-STEP_HD R pick4(const R* x, uint32_t i) { return i == 0 ? x[0] : i == 1 ? x[1] : i == 2 ? x[2] : x[3]; }
+STEP_HOST_DEVICE R pick4(const R* x, uint32_t i) {
+  return i == 0 ? x[0] : i == 1 ? x[1] : i == 2 ? x[2] : x[3];
+}
 
 // Packs one group of 4: writes the two stored values to out[0..1] and returns the nibble, with
 // bit 4 set when the group has more than two nonzeros (an error without prune).
@@ -66,7 +73,7 @@ STEP_HD R pick4(const R* x, uint32_t i) { return i == 0 ? x[0] : i == 1 ? x[1] :
 // prune=true: the result equals packing nm_prune(x, 2, 4): keep = top-2 |x|, pruned entries
 // read as +0, and the nibble comes from the nonzero pattern of the kept entries.
 template <class T>
-STEP_HD uint32_t pack_group(const typename T::raw* x, bool prune, typename T::raw* out) {
+STEP_HOST_DEVICE uint32_t pack_group(const typename T::raw* x, bool prune, typename T::raw* out) {
   uint32_t keep = 0xFu;
   if (prune) {
     const int32_t keys[4] = {T::key(x[0]), T::key(x[1]), T::key(x[2]), T::key(x[3])};
@@ -82,11 +89,11 @@ STEP_HD uint32_t pack_group(const typename T::raw* x, bool prune, typename T::ra
 }
 
 // Whether a stored nibble is one of the six valid ordered patterns (i0 < i1).
-STEP_HD bool valid_nibble(uint32_t nibble) { return (nibble & 3u) < (nibble >> 2); }
+STEP_HOST_DEVICE bool valid_nibble(uint32_t nibble) { return (nibble & 3u) < (nibble >> 2); }
 
 // Unpacks one group: out[0..3] = v0 at i0, v1 at i1, zeros elsewhere.
 template <class T>
-STEP_HD void unpack_group(uint32_t nibble, typename T::raw v0, typename T::raw v1, typename T::raw* out) {
+STEP_HOST_DEVICE void unpack_group(uint32_t nibble, typename T::raw v0, typename T::raw v1, typename T::raw* out) {
   const uint32_t i0 = nibble & 3u, i1 = (nibble >> 2) & 3u;
   for (uint32_t i = 0; i < 4; ++i) out[i] = (i == i0) ? v0 : (i == i1) ? v1 : typename T::raw(0);
 }
@@ -102,7 +109,7 @@ struct Chunk {
 // Packs one chunk (x[0..kElems) -> out[0..2*kGroups)); returns its nibbles (4 bits per group) and
 // sets *bad_group to the first group with more than two nonzeros (else leaves it at -1).
 template <class T>
-STEP_HD uint32_t pack_chunk(const typename T::raw* x, bool prune, typename T::raw* out, int* bad_group) {
+STEP_HOST_DEVICE uint32_t pack_chunk(const typename T::raw* x, bool prune, typename T::raw* out, int* bad_group) {
   uint32_t nibbles = 0;
   *bad_group = -1;
 #if defined(__CUDACC__)
@@ -119,7 +126,7 @@ STEP_HD uint32_t pack_chunk(const typename T::raw* x, bool prune, typename T::ra
 // Unpacks one chunk from its nibbles (v[0..2*kGroups) -> out[0..kElems)); sets *bad_group to the
 // first group whose nibble is not a 2:4 pattern (else -1).
 template <class T>
-STEP_HD void unpack_chunk(uint32_t nibbles, const typename T::raw* v, typename T::raw* out, int* bad_group) {
+STEP_HOST_DEVICE void unpack_chunk(uint32_t nibbles, const typename T::raw* v, typename T::raw* out, int* bad_group) {
   *bad_group = -1;
 #if defined(__CUDACC__)
 #pragma unroll
@@ -136,7 +143,7 @@ STEP_HD void unpack_chunk(uint32_t nibbles, const typename T::raw* v, typename T
 // then each 2x2 block is transposed and the result stored ColumnMajorInterleaved<2>. Closed form
 // of torch's _calculate_meta_reordering_scatter_offsets: each 32-bit (int16 meta) or 64-bit
 // (int32 meta) chunk pairs rows r and r+8 of the same meta column.
-STEP_HD int64_t meta_offset(int64_t r, int64_t c, int64_t m, bool int32_meta) {
+STEP_HOST_DEVICE int64_t meta_offset(int64_t r, int64_t c, int64_t m, bool int32_meta) {
   const int64_t group = int32_meta ? 16 : 32;
   const int64_t interweave = int32_meta ? 2 : 4;
   const int64_t in_group = r % group;
@@ -146,12 +153,26 @@ STEP_HD int64_t meta_offset(int64_t r, int64_t c, int64_t m, bool int32_meta) {
 
 // Shape limits of SparseSemiStructuredTensorCUTLASS (the GEMM's minimum tile): rows must be a
 // positive multiple of kRowMultiple, columns of kColMultiple.
-template <class T> struct Limits { static constexpr int64_t kRowMultiple = 32, kColMultiple = 64; };
-template <> struct Limits<Int8> { static constexpr int64_t kRowMultiple = 16, kColMultiple = 128; };
+template <class T>
+struct Limits {
+  static constexpr int64_t kRowMultiple = 32, kColMultiple = 64;
+};
+template <>
+struct Limits<Int8> {
+  static constexpr int64_t kRowMultiple = 16, kColMultiple = 128;
+};
 
 // Groups per logical meta word: 4 for int16 meta, 8 for int32 meta.
-template <class T> struct Meta { using word = int16_t; static constexpr int kGroups = 4; };
-template <> struct Meta<Int8> { using word = int32_t; static constexpr int kGroups = 8; };
+template <class T>
+struct Meta {
+  using word = int16_t;
+  static constexpr int kGroups = 4;
+};
+template <>
+struct Meta<Int8> {
+  using word = int32_t;
+  static constexpr int kGroups = 8;
+};
 
 // Index of the first group of a row with more than two nonzeros, or -1 (the error path).
 template <class T>

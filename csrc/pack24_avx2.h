@@ -30,8 +30,8 @@ struct Avx2Tables {
   uint32_t ctl8[256];   // pshufb control: the 4 stored 8-bit values of 2 groups (8 bytes in)
   // Indexed by two stored nibbles (low: first group), for unpacking:
   uint64_t ictl16_lo[256], ictl16_hi[256];  // pshufb control: 8 dense 16-bit lanes from 4 values
-  uint64_t ictl8[256];                       // pshufb control: 8 dense bytes from 4 int8 values
-  uint8_t invalid[256];                      // 1 when either nibble is not a 2:4 pattern
+  uint64_t ictl8[256];                      // pshufb control: 8 dense bytes from 4 int8 values
+  uint8_t invalid[256];                     // 1 when either nibble is not a 2:4 pattern
 };
 
 inline const Avx2Tables& avx2_tables() {
@@ -79,12 +79,14 @@ inline const Avx2Tables& avx2_tables() {
 
 // -rank of each 16-bit key among the 4 keys of its group (keys are non-negative int16).
 __attribute__((target("avx2"))) inline __m256i neg_rank16(__m256i keys) {
+  // clang-format off: one 128-bit lane per line
   const __m256i rot1 = _mm256_setr_epi8(2, 3, 4, 5, 6, 7, 0, 1, 10, 11, 12, 13, 14, 15, 8, 9,
                                         2, 3, 4, 5, 6, 7, 0, 1, 10, 11, 12, 13, 14, 15, 8, 9);
   const __m256i rot2 = _mm256_setr_epi8(4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11,
                                         4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
   const __m256i rot3 = _mm256_setr_epi8(6, 7, 0, 1, 2, 3, 4, 5, 14, 15, 8, 9, 10, 11, 12, 13,
                                         6, 7, 0, 1, 2, 3, 4, 5, 14, 15, 8, 9, 10, 11, 12, 13);
+  // clang-format on
   const __m256i low1 = _mm256_setr_epi16(0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1);
   const __m256i low2 = _mm256_setr_epi16(0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1);
   const __m256i low3 = _mm256_setr_epi16(0, 1, 1, 1, 0, 1, 1, 1, 0, 1, 1, 1, 0, 1, 1, 1);
@@ -96,8 +98,8 @@ __attribute__((target("avx2"))) inline __m256i neg_rank16(__m256i keys) {
 
 // fp16/bf16 row (inf_bits: the +inf pattern, NaN keys are clamped to it). Same contract as pack_row.
 template <class T>
-__attribute__((target("avx2"))) int64_t pack_row_avx2(const uint16_t* x, int64_t k, bool prune,
-                                                      uint16_t* vals, int16_t* words) {
+__attribute__((target("avx2"))) int64_t pack_row_avx2(const uint16_t* x, int64_t k, bool prune, uint16_t* vals,
+                                                      int16_t* words) {
   const Avx2Tables& t = avx2_tables();
   const __m256i abs_mask = _mm256_set1_epi16(0x7fff);
   const __m256i inf = _mm256_set1_epi16(static_cast<int16_t>(T::kInfBits));
@@ -118,16 +120,18 @@ __attribute__((target("avx2"))) int64_t pack_row_avx2(const uint16_t* x, int64_t
     const uint32_t n0 = t.nib2[b0], n1 = t.nib2[b1];
     bad |= n0 | n1;
     words[c] = static_cast<int16_t>((n0 & 0xFF) | ((n1 & 0xFF) << 8));
-    const __m128i lo = _mm_shuffle_epi8(_mm256_castsi256_si128(v), _mm_cvtsi64_si128(static_cast<int64_t>(t.ctl16[b0])));
-    const __m128i hi = _mm_shuffle_epi8(_mm256_extracti128_si256(v, 1), _mm_cvtsi64_si128(static_cast<int64_t>(t.ctl16[b1])));
+    const __m128i lo =
+        _mm_shuffle_epi8(_mm256_castsi256_si128(v), _mm_cvtsi64_si128(static_cast<int64_t>(t.ctl16[b0])));
+    const __m128i hi =
+        _mm_shuffle_epi8(_mm256_extracti128_si256(v, 1), _mm_cvtsi64_si128(static_cast<int64_t>(t.ctl16[b1])));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(vals + 8 * c), _mm_unpacklo_epi64(lo, hi));
   }
   return (bad & 0x100u) ? first_overfull_group<T>(x, k) : -1;
 }
 
 // int8 row: 16 columns (4 groups, half an int32 meta word) per iteration. Same contract as pack_row.
-__attribute__((target("avx2"))) inline int64_t pack_row_avx2_int8(const int8_t* x, int64_t k, bool prune,
-                                                                  int8_t* vals, int32_t* words) {
+__attribute__((target("avx2"))) inline int64_t pack_row_avx2_int8(const int8_t* x, int64_t k, bool prune, int8_t* vals,
+                                                                  int32_t* words) {
   const Avx2Tables& t = avx2_tables();
   const __m256i minus2 = _mm256_set1_epi16(-2);
   const __m128i zero = _mm_setzero_si128();
@@ -149,15 +153,16 @@ __attribute__((target("avx2"))) inline int64_t pack_row_avx2_int8(const int8_t* 
       words[c >> 1] = static_cast<int32_t>(half);
     }
     const uint64_t ctl = t.ctl8[b0] | (static_cast<uint64_t>(t.ctl8[b1] + 0x08080808u) << 32);
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(vals + 8 * c), _mm_shuffle_epi8(v, _mm_cvtsi64_si128(static_cast<int64_t>(ctl))));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(vals + 8 * c),
+                     _mm_shuffle_epi8(v, _mm_cvtsi64_si128(static_cast<int64_t>(ctl))));
   }
   return (bad & 0x100u) ? first_overfull_group<Int8>(x, k) : -1;
 }
 
 // fp16/bf16 row unpack, one meta word (4 groups, 8 stored values -> 16 dense) per iteration.
 // Same contract as unpack_row (T only selects the 16-bit path).
-__attribute__((target("avx2"))) inline int64_t unpack_row_avx2_16(const uint16_t* vals, const int16_t* words,
-                                                                  int64_t k, uint16_t* out) {
+__attribute__((target("avx2"))) inline int64_t unpack_row_avx2_16(const uint16_t* vals, const int16_t* words, int64_t k,
+                                                                  uint16_t* out) {
   const Avx2Tables& t = avx2_tables();
   uint32_t invalid = 0;
   for (int64_t c = 0; c < k / 16; ++c) {
@@ -165,8 +170,10 @@ __attribute__((target("avx2"))) inline int64_t unpack_row_avx2_16(const uint16_t
     const uint32_t b0 = w & 0xFF, b1 = w >> 8;
     invalid |= t.invalid[b0] | t.invalid[b1];
     const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(vals + 8 * c));
-    const __m128i lo = _mm_shuffle_epi8(v, _mm_set_epi64x(static_cast<int64_t>(t.ictl16_hi[b0]), static_cast<int64_t>(t.ictl16_lo[b0])));
-    const __m128i hi = _mm_shuffle_epi8(_mm_srli_si128(v, 8), _mm_set_epi64x(static_cast<int64_t>(t.ictl16_hi[b1]), static_cast<int64_t>(t.ictl16_lo[b1])));
+    const __m128i lo = _mm_shuffle_epi8(
+        v, _mm_set_epi64x(static_cast<int64_t>(t.ictl16_hi[b0]), static_cast<int64_t>(t.ictl16_lo[b0])));
+    const __m128i hi = _mm_shuffle_epi8(_mm_srli_si128(v, 8), _mm_set_epi64x(static_cast<int64_t>(t.ictl16_hi[b1]),
+                                                                             static_cast<int64_t>(t.ictl16_lo[b1])));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16 * c), lo);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16 * c + 8), hi);
   }
@@ -174,8 +181,8 @@ __attribute__((target("avx2"))) inline int64_t unpack_row_avx2_16(const uint16_t
 }
 
 // int8 row unpack, one meta word (8 groups, 16 stored values -> 32 dense) per iteration.
-__attribute__((target("avx2"))) inline int64_t unpack_row_avx2_int8(const int8_t* vals, const int32_t* words,
-                                                                    int64_t k, int8_t* out) {
+__attribute__((target("avx2"))) inline int64_t unpack_row_avx2_int8(const int8_t* vals, const int32_t* words, int64_t k,
+                                                                    int8_t* out) {
   const Avx2Tables& t = avx2_tables();
   const uint64_t next_pair = 0x0404040404040404ull;  // the second pair of groups reads 4 bytes on
   uint32_t invalid = 0;
@@ -184,8 +191,11 @@ __attribute__((target("avx2"))) inline int64_t unpack_row_avx2_int8(const int8_t
     const uint32_t b0 = w & 0xFF, b1 = (w >> 8) & 0xFF, b2 = (w >> 16) & 0xFF, b3 = w >> 24;
     invalid |= t.invalid[b0] | t.invalid[b1] | t.invalid[b2] | t.invalid[b3];
     const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(vals + 16 * c));
-    const __m128i lo = _mm_shuffle_epi8(v, _mm_set_epi64x(static_cast<int64_t>(t.ictl8[b1] + next_pair), static_cast<int64_t>(t.ictl8[b0])));
-    const __m128i hi = _mm_shuffle_epi8(_mm_srli_si128(v, 8), _mm_set_epi64x(static_cast<int64_t>(t.ictl8[b3] + next_pair), static_cast<int64_t>(t.ictl8[b2])));
+    const __m128i lo = _mm_shuffle_epi8(
+        v, _mm_set_epi64x(static_cast<int64_t>(t.ictl8[b1] + next_pair), static_cast<int64_t>(t.ictl8[b0])));
+    const __m128i hi = _mm_shuffle_epi8(
+        _mm_srli_si128(v, 8),
+        _mm_set_epi64x(static_cast<int64_t>(t.ictl8[b3] + next_pair), static_cast<int64_t>(t.ictl8[b2])));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 32 * c), lo);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 32 * c + 16), hi);
   }

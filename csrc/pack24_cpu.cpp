@@ -1,10 +1,10 @@
 // pack24 / unpack24 on CPU, and the schemas of both ops (the CUDA kernels live in pack24_cuda.cpp).
 //
 // pack24 reads each dense element once (2 B; int8: 1 B) and writes half of them plus 4 bits of
-// metadata per group of 4 (1/16 of the dense bytes; int8: 1/8); unpack24 is the inverse. Work is split over blocks of 32 rows
-// (int8: 16), the row block of the CUTLASS metadata reorder, so every thread writes whole runs of
-// the reordered metadata. Rows are packed and unpacked by the AVX2 path when the CPU has it
-// (STEP_KERNELS_PACK24_SIMD=0 forces the portable group loops of pack24.h, which tests compare).
+// metadata per group of 4 (1/16 of the dense bytes; int8: 1/8); unpack24 is the inverse. Work is split over blocks of
+// 32 rows (int8: 16), the row block of the CUTLASS metadata reorder, so every thread writes whole runs of the reordered
+// metadata. Rows are packed and unpacked by the AVX2 path when the CPU has it (STEP_KERNELS_PACK24_SIMD=0 forces the
+// portable group loops of pack24.h, which tests compare).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

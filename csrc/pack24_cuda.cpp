@@ -35,17 +35,15 @@ at::Tensor no_bad_group(const at::Tensor& like) {
   return at::full({1}, std::numeric_limits<int64_t>::max(), like.options().dtype(at::kLong));
 }
 
-unsigned long long* as_counter(at::Tensor& t) {
-  return reinterpret_cast<unsigned long long*>(t.data_ptr<int64_t>());
-}
+unsigned long long* as_counter(at::Tensor& t) { return reinterpret_cast<unsigned long long*>(t.data_ptr<int64_t>()); }
 
 std::tuple<at::Tensor, at::Tensor> pack24_cuda(const at::Tensor& dense_in, bool prune) {
   const c10::cuda::CUDAGuard guard(dense_in.device());
   const at::Tensor dense = aligned(check_pack_input(dense_in), 16);
   auto [values, meta] = empty_packed(dense);
   at::Tensor first_bad = no_bad_group(dense);
-  C10_CUDA_CHECK(launch_pack24(launch_dtype(dense.scalar_type()), dense.data_ptr(), dense.size(0), dense.size(1),
-                               prune, values.data_ptr(), meta.data_ptr(), as_counter(first_bad),
+  C10_CUDA_CHECK(launch_pack24(launch_dtype(dense.scalar_type()), dense.data_ptr(), dense.size(0), dense.size(1), prune,
+                               values.data_ptr(), meta.data_ptr(), as_counter(first_bad),
                                c10::cuda::getCurrentCUDAStream()));
   if (!prune) {
     const int64_t bad = first_bad.item<int64_t>();

@@ -23,8 +23,8 @@ cudaError_t launch_pack24(DType dtype, const void* dense, int64_t rows, int64_t 
 
 // values [rows, cols/2] (8-byte aligned), meta -> dense [rows, cols]; *first_bad as above, for
 // groups whose meta nibble is not one of the six 2:4 patterns.
-cudaError_t launch_unpack24(DType dtype, const void* values, const void* meta, int64_t rows, int64_t cols,
-                            void* dense, unsigned long long* first_bad, cudaStream_t stream);
+cudaError_t launch_unpack24(DType dtype, const void* values, const void* meta, int64_t rows, int64_t cols, void* dense,
+                            unsigned long long* first_bad, cudaStream_t stream);
 
 }  // namespace pack24
 }  // namespace step_kernels

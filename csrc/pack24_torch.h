@@ -24,8 +24,7 @@ auto dispatch_dtype(at::ScalarType dtype, const char* op, const char* arg, F&& f
     case at::kHalf: return f(Half{});
     case at::kBFloat16: return f(BFloat16{});
     case at::kChar: return f(Int8{});
-    default:
-      TORCH_CHECK_TYPE(false, op, ": ", arg, " must be float16, bfloat16 or int8, got ", dtype_name(dtype));
+    default: TORCH_CHECK_TYPE(false, op, ": ", arg, " must be float16, bfloat16 or int8, got ", dtype_name(dtype));
   }
   __builtin_unreachable();
 }
@@ -37,8 +36,8 @@ inline at::ScalarType meta_dtype(at::ScalarType dtype) { return dtype == at::kCh
 template <class T>
 void check_shape(const char* op, const std::string& what, int64_t rows, int64_t cols, at::ScalarType dtype) {
   TORCH_CHECK_VALUE(rows > 0 && rows % Limits<T>::kRowMultiple == 0 && cols > 0 && cols % Limits<T>::kColMultiple == 0,
-                    op, ": a ", dtype_name(dtype), " matrix needs rows a positive multiple of ", Limits<T>::kRowMultiple,
-                    " and columns a positive multiple of ", Limits<T>::kColMultiple,
+                    op, ": a ", dtype_name(dtype), " matrix needs rows a positive multiple of ",
+                    Limits<T>::kRowMultiple, " and columns a positive multiple of ", Limits<T>::kColMultiple,
                     " (the minimum tile of the 2:4 sparse GEMM); ", what, "; nothing is padded");
 }
 
@@ -67,20 +66,21 @@ inline std::tuple<at::Tensor, at::Tensor> empty_packed(const at::Tensor& dense) 
 inline at::Tensor check_unpack_input(const at::Tensor& values, const at::Tensor& meta) {
   dispatch_dtype(values.scalar_type(), "unpack24", "values", [&](auto t) {
     using T = decltype(t);
-    TORCH_CHECK_VALUE(values.dim() == 2, "unpack24: values must be a 2-D matrix [rows, cols/2], got a ",
-                      values.dim(), "-D tensor of shape ", values.sizes());
+    TORCH_CHECK_VALUE(values.dim() == 2, "unpack24: values must be a 2-D matrix [rows, cols/2], got a ", values.dim(),
+                      "-D tensor of shape ", values.sizes());
     TORCH_CHECK_TYPE(meta.scalar_type() == meta_dtype(values.scalar_type()), "unpack24: meta must be ",
                      dtype_name(meta_dtype(values.scalar_type())), " for ", dtype_name(values.scalar_type()),
                      " values, got ", dtype_name(meta.scalar_type()));
-    TORCH_CHECK_VALUE(meta.device() == values.device(), "unpack24: meta is on ", meta.device(),
-                      " but values are on ", values.device());
+    TORCH_CHECK_VALUE(meta.device() == values.device(), "unpack24: meta is on ", meta.device(), " but values are on ",
+                      values.device());
     const int64_t rows = values.size(0), cols = 2 * values.size(1);
-    check_shape<T>("unpack24", c10::str("values of shape ", values.sizes(), " give a dense shape [", rows, ", ", cols, "]"),
-                   rows, cols, values.scalar_type());
+    check_shape<T>("unpack24",
+                   c10::str("values of shape ", values.sizes(), " give a dense shape [", rows, ", ", cols, "]"), rows,
+                   cols, values.scalar_type());
     const int64_t meta_cols = cols / (4 * Meta<T>::kGroups);
     TORCH_CHECK_VALUE(meta.dim() == 2 && meta.size(0) == rows && meta.size(1) == meta_cols,
-                      "unpack24: values of shape ", values.sizes(), " need meta of shape [", rows, ", ",
-                      meta_cols, "], got meta of shape ", meta.sizes());
+                      "unpack24: values of shape ", values.sizes(), " need meta of shape [", rows, ", ", meta_cols,
+                      "], got meta of shape ", meta.sizes());
     return 0;
   });
   return meta.contiguous();

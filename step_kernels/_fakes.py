@@ -74,7 +74,8 @@ def _pack24_fake(dense: Tensor, prune: bool = False) -> Tuple[Tensor, Tensor]:
 def _unpack24_fake(values: Tensor, meta: Tensor) -> Tensor:
     _check_matrix("unpack24", "values", values, "[rows, cols/2]")
     if meta.dtype != meta_dtype(values.dtype):
-        raise TypeError(f"unpack24: meta must be {meta_dtype(values.dtype)} for {values.dtype} values, got {meta.dtype}")
+        raise TypeError(f"unpack24: meta must be {meta_dtype(values.dtype)} for {values.dtype} values, "
+                        f"got {meta.dtype}")
     if meta.device != values.device:
         raise ValueError(f"unpack24: meta is on {meta.device} but values are on {values.device}")
     rows, cols = values.shape[0], 2 * values.shape[1]

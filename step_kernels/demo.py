@@ -23,7 +23,7 @@ import torch
 
 from . import STEP, sparse_param_groups
 from .models import TinyGPT, batches, stdlib_corpus
-from .reference import nm_mask, parse_sparsity
+from .reference import parse_sparsity
 from .targets import find_targets
 
 RECIPES = ("dense", "srste", "step")
@@ -154,7 +154,8 @@ def main(argv=None) -> int:
         print(f"recipe {recipe}:", flush=True)
         results.append(run_recipe(recipe, args, train, val))
 
-    header = f"| recipe | val loss | perplexity/byte | {args.sparsity} in every target | sparsity | switch step | wall s | backend |"
+    header = (f"| recipe | val loss | perplexity/byte | {args.sparsity} in every target | sparsity | switch step "
+              "| wall s | backend |")
     print()
     print(header)
     print("|" + "---|" * (header.count("|") - 1))

@@ -175,7 +175,8 @@ def _unpack_entry(name: str, entry: dict) -> Tensor:
     if entry["transposed"]:
         dense = dense.t()
     if tuple(dense.shape) != tuple(entry["shape"]):
-        raise ValueError(f"{name}: packed values unpack to {tuple(dense.shape)}, the checkpoint says {tuple(entry['shape'])}")
+        raise ValueError(f"{name}: packed values unpack to {tuple(dense.shape)}, "
+                         f"the checkpoint says {tuple(entry['shape'])}")
     return dense
 
 
@@ -188,7 +189,8 @@ def _check_loadable(model: nn.Module, state: dict, strict: bool) -> None:
         unexpected = [key for key in state if key not in own]
         if missing or unexpected:
             raise ValueError(
-                f"checkpoint: strict=True and the keys differ from the model's: missing {missing}, unexpected {unexpected}"
+                f"checkpoint: strict=True and the keys differ from the model's: missing {missing}, "
+                f"unexpected {unexpected}"
             )
     for key, value in state.items():
         target = own.get(key)
@@ -199,7 +201,8 @@ def _check_loadable(model: nn.Module, state: dict, strict: bool) -> None:
         if not isinstance(value, Tensor):
             raise ValueError(f"{key}: the checkpoint holds a {type(value).__name__}, the model a tensor")
         if value.shape != target.shape:
-            raise ValueError(f"{key}: the checkpoint's shape {tuple(value.shape)} differs from the model's {tuple(target.shape)}")
+            raise ValueError(f"{key}: the checkpoint's shape {tuple(value.shape)} differs from the model's "
+                             f"{tuple(target.shape)}")
 
 
 def _packed_swaps(model: nn.Module, packed: dict) -> List[Tuple[nn.Module, str, nn.Parameter]]:
@@ -219,7 +222,8 @@ def _packed_swaps(model: nn.Module, packed: dict) -> List[Tuple[nn.Module, str, 
     return swaps
 
 
-def load_packed_state_dict(model: nn.Module, checkpoint: dict, *, packed: bool = False, strict: bool = True) -> nn.Module:
+def load_packed_state_dict(model: nn.Module, checkpoint: dict, *, packed: bool = False,
+                           strict: bool = True) -> nn.Module:
     """Load a :func:`packed_state_dict` checkpoint into ``model``; returns ``model``.
 
     ``packed=False`` restores every target as a dense weight (bit-identical to the one packed);

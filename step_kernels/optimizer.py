@@ -364,7 +364,8 @@ class STEP(torch.optim.Optimizer):
             self._validate_group(group, gi)
             devices = {_local(p).device for g in self.param_groups for p in g["params"]}
             if len(devices) > 1:
-                raise ValueError(f"param_groups[{gi}]: all parameters must be on one device, got {sorted(map(str, devices))}")
+                raise ValueError(f"param_groups[{gi}]: all parameters must be on one device, "
+                                 f"got {sorted(map(str, devices))}")
             if self.backend is None and group["params"]:
                 self.backend = ops.resolve_backend(self._requested_backend, next(iter(devices)))
         except Exception:
@@ -461,8 +462,8 @@ class STEP(torch.optim.Optimizer):
         whose mask changed; None before any masked step), ``z_history`` (AutoSwitch's Z per
         phase-1 step), ``sparsity`` (fraction of zeros over all targets' model parameters, now),
         ``precond_floor_count`` (coordinates of the targets frozen at the switch whose
-        sqrt(v_hat) was below ``precond_eps``), ``kernel_launches`` (in the last step), plus ``phase``, ``step``, ``switch_step``
-        and ``backend``."""
+        sqrt(v_hat) was below ``precond_eps``), ``kernel_launches`` (in the last step), plus ``phase``, ``step``,
+        ``switch_step`` and ``backend``."""
         flip_rate = None
         if self._last_flips is not None and float(self._last_masked_numel):
             flip_rate = float(self._last_flips.item()) / float(self._last_masked_numel)

@@ -313,7 +313,8 @@ def corrupt_meta(checkpoint):
 LOAD_CASES = [
     ("not-a-checkpoint", lambda c: c.pop("format"), {}, ValueError,
      r"^checkpoint: not a 'step_kernels\.packed24' checkpoint"),
-    ("newer-version", lambda c: c.update(version=2), {}, ValueError, r"^checkpoint: version 2 is newer than this reader"),
+    ("newer-version", lambda c: c.update(version=2), {}, ValueError,
+     r"^checkpoint: version 2 is newer than this reader"),
     ("no-dense", lambda c: c.pop("dense"), {}, ValueError, r"^checkpoint\['dense'\]: must be a dict, got NoneType"),
     ("entry-without-meta", lambda c: drop(c["packed"]["blocks.1.fc2.weight"], "meta"), {}, ValueError,
      r"^blocks\.1\.fc2\.weight: a packed entry has the keys \['meta', 'shape', 'transposed', 'values'\], "
@@ -363,7 +364,8 @@ def test_load_into_another_architecture_changes_nothing(source):
     checkpoint = packed_state_dict(source)
     model = tiny_gpt(torch.float16, 1, d_model=128)
     snapshot = model_snapshot(model)
-    with pytest.raises(ValueError, match=r"^pos: the checkpoint's shape \(64, 64\) differs from the model's \(64, 128\)"):
+    with pytest.raises(ValueError,
+                       match=r"^pos: the checkpoint's shape \(64, 64\) differs from the model's \(64, 128\)"):
         load_packed_state_dict(model, checkpoint, strict=False)
     assert_model_unchanged(model, snapshot)
 

@@ -155,7 +155,8 @@ BAD_STATE_DICTS = [
     ("fewer_groups", "sparse", FP32, lambda sd: dict(sd, param_groups=sd["param_groups"][:1]),
      r"state dict has 1 param groups, this optimizer has 2"),
     ("group_without_lr", "sparse", FP32, drop_group_key(1, "lr"), r"param_groups\[1\]: state dict has no 'lr'"),
-    ("group_without_phase", "sparse", FP32, drop_group_key(1, "phase"), r"param_groups\[1\]: state dict has no 'phase'"),
+    ("group_without_phase", "sparse", FP32, drop_group_key(1, "phase"),
+     r"param_groups\[1\]: state dict has no 'phase'"),
     ("betas_of_one", "sparse", FP32, set_group(1, "betas", (1.0, 0.999)), r"param_groups\[1\]: betas must be"),
     ("lr_nan", "sparse", FP32, set_group(0, "lr", float("nan")), r"param_groups\[0\]: lr must be"),
     ("weight_decay_negative", "sparse", FP32, set_group(1, "weight_decay", -0.1),
@@ -165,7 +166,8 @@ BAD_STATE_DICTS = [
     ("other_sparsity", "sparse", FP32, set_group(0, "sparsity", "1:4"),
      r"param_groups\[0\]: state dict has sparsity='1:4', this optimizer has sparsity='2:4'"),
     ("other_nm_dim", "sparse", FP32, set_group(0, "nm_dim", 0), r"param_groups\[0\]: state dict has nm_dim=0"),
-    ("fewer_params", "sparse", FP32, drop_param(1), r"param_groups\[1\]: state dict has 11 params, this optimizer has 12"),
+    ("fewer_params", "sparse", FP32, drop_param(1),
+     r"param_groups\[1\]: state dict has 11 params, this optimizer has 12"),
     ("step_negative", "sparse", FP32, set_global("step", -1), r"step must be an int >= 0, got -1"),
     ("step_float", "sparse", FP32, set_global("step", 3.0), r"step must be an int >= 0, got 3\.0"),
     ("step_differs_between_groups", "sparse", FP32, set_group(1, "step", 2),
@@ -174,7 +176,8 @@ BAD_STATE_DICTS = [
     ("sparse_without_switch_step", "sparse", FP32, set_global("switch_step", None),
      r"switch_step must be an int in \[1, step=3\]"),
     ("switch_after_step", "sparse", FP32, set_global("switch_step", 7), r"switch_step must be an int in \[1, step=3\]"),
-    ("dense_with_switch_step", "dense", FP32, set_global("switch_step", 1), r"switch_step is 1 but the phase is 'dense'"),
+    ("dense_with_switch_step", "dense", FP32, set_global("switch_step", 1),
+     r"switch_step is 1 but the phase is 'dense'"),
     ("floor_count_negative", "sparse", FP32, set_global("precond_floor_count", -1), r"precond_floor_count must be"),
     ("z_history_not_a_list", "dense", FP32, set_global("z_history", 0.5), r"z_history must be a list"),
     ("duplicate_param_id", "sparse", FP32, duplicate_id, r"lists a param id in more than one place"),
@@ -199,7 +202,8 @@ BAD_STATE_DICTS = [
      FC2 + r": state 'master' has dtype torch\.bfloat16, expected torch\.float32"),
     ("precond_on_non_target", "sparse", FP32, set_state(LAST_OTHER, "precond", lambda _: torch.ones(32)),
      LN_F + r": state dict has 'precond', which a parameter that is not a target"),
-    ("non_target_without_v", "sparse", FP32, drop_state(LAST_OTHER, "exp_avg_sq"), LN_F + r": state dict has no 'exp_avg_sq'"),
+    ("non_target_without_v", "sparse", FP32, drop_state(LAST_OTHER, "exp_avg_sq"),
+     LN_F + r": state dict has no 'exp_avg_sq'"),
     ("last_param_wrong_shape", "sparse", FP32, set_state(LAST_OTHER, "exp_avg", lambda t: t[:3]),
      LN_F + r": state 'exp_avg' has shape \(3,\), param has \(32,\)"),
     ("adamw_step_tensor", "sparse", FP32, set_state(LAST_OTHER, "step", lambda _: torch.tensor(3.0)),
@@ -331,8 +335,8 @@ def test_pickle_round_trip_continues_bit_identically(backend):
 
 def test_deepcopy_keeps_every_public_attribute():
     """As torch's generic optimizer tests check: the same public attributes, with equal values."""
-    model, opt = trained(1, switch=sk.AutoSwitch(min_step=3, max_step=9, threshold=1e-6, rule="absolute"), total_steps=20,
-                         precond_eps=1e-7, precond_dtype=torch.bfloat16)
+    model, opt = trained(1, switch=sk.AutoSwitch(min_step=3, max_step=9, threshold=1e-6, rule="absolute"),
+                         total_steps=20, precond_eps=1e-7, precond_dtype=torch.bfloat16)
     copied = copy.deepcopy(opt)
     public = {key for key in vars(opt) if not key.startswith("_")}
     assert public == {key for key in vars(copied) if not key.startswith("_")}

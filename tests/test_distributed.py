@@ -303,7 +303,8 @@ def test_bad_configurations_fail_on_every_rank(tmp_path):
     expected = {
         "conv1d_split_rows": r"proj\.weight: its layout \(Shard\(dim=0\),\) .* splits its N:M groups: rank 0 holds 10 "
                              r"of the 20 entries of dim 0",
-        "linear_shard1_split": r"fc\.weight: its layout \(Shard\(dim=1\),\) .* rank 0 holds 6 of the 12 entries of dim 1",
+        "linear_shard1_split": r"fc\.weight: its layout \(Shard\(dim=1\),\) .* "
+                               r"rank 0 holds 6 of the 12 entries of dim 1",
         "mismatched_nm": r"ranks disagree on param_groups\[0\] sparsity: rank 0 has '2:4', rank 1 has '2:8'",
         "mismatched_nm_ddp": r"ranks disagree on param_groups\[0\] sparsity: rank 0 has '2:4', rank 1 has '1:4'",
         "one_rank_bad_lr": r"failed on 1 of 2 ranks: rank 1: ValueError: lr must be a finite number >= 0, got -1.0",

@@ -5,8 +5,8 @@ the reference. With a live v (phase 1, "dense", "srste") the weight may differ: 
 ``v.sqrt()`` on CPU through MKL's vector math, which is not correctly rounded (1 ulp), while the
 kernel uses the IEEE square root. The Adam update term then differs by about 2 ulp of itself, so
 w may differ by 1 ulp of w plus 2^-22 of the update (which can exceed w where v is tiny), and the
-model parameter by 1 ulp of its dtype. The AutoSwitch sums are float64 sums of the same fp32 terms in another order (rtol 1e-12)
-and do not depend on the thread count: each chunk of 2048 elements keeps its own partial sum and
+model parameter by 1 ulp of its dtype. The AutoSwitch sums are float64 sums of the same fp32 terms in another
+order (rtol 1e-12) and do not depend on the thread count: each chunk of 2048 elements keeps its own partial sum and
 the partials are added in chunk order.
 """
 
@@ -19,7 +19,6 @@ from torch import nn
 import step_kernels as sk
 from step_kernels import ops
 from step_kernels import reference as ref
-from step_kernels.models import TinyGPT
 
 pytestmark = pytest.mark.skipif(
     ops.backend_status("cpu", torch.device("cpu")) is not None,

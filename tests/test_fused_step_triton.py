@@ -3,8 +3,8 @@ TRITON_INTERPRET=1 and on CUDA when present.
 
 Masks are compared bit for bit. Values may differ from the reference by its own rounding: torch's
 CPU sqrt is not always correctly rounded (the kernel's is), so master weights and moments are
-allowed ``ULPS`` units in the last place of the value or of the step's update; model parameters must equal the RNE cast of the
-kernel's own masked master exactly.
+allowed ``ULPS`` units in the last place of the value or of the step's update; model parameters must equal the
+RNE cast of the kernel's own masked master exactly.
 """
 
 import os
@@ -273,7 +273,8 @@ def test_grad_scale_and_found_inf(tdevice):
     scale = torch.tensor([1024.0], device=tdevice)
     kwargs = dict(masked=True, frozen_v=True, n=1, m=4, group_dims=[1, 1], grad_scale=scale)
     r, t = run_both(tensors, scalars(), found_inf=torch.zeros(1, device=tdevice), **kwargs)
-    check_against_reference(r, t, before=tensors, masked=True, frozen=True, n=1, m=4, dims=[1, 1], out_dtype=torch.bfloat16)
+    check_against_reference(r, t, before=tensors, masked=True, frozen=True, n=1, m=4, dims=[1, 1],
+                            out_dtype=torch.bfloat16)
     before = [[x.clone() for x in row] for row in tensors]
     w, g, m1, second, out = (list(col) for col in zip(*tensors))
     totals, _ = ops.fused_step("triton", w, g, m1, second, out, scalars=scalars(),
@@ -300,7 +301,8 @@ def test_deterministic_partial_sums(tdevice):
 
 def _lists(device, n=2, shape=(4, 8)):
     w = [torch.randn(shape, device=device) for _ in range(n)]
-    return w, [torch.randn(shape, device=device) for _ in range(n)], [torch.zeros(shape, device=device) for _ in range(n)], \
+    return w, [torch.randn(shape, device=device) for _ in range(n)], \
+        [torch.zeros(shape, device=device) for _ in range(n)], \
         [torch.zeros(shape, device=device) for _ in range(n)], [None] * n
 
 

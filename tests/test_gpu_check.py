@@ -13,7 +13,8 @@ from bench import gpu_check as gc
 @pytest.mark.parametrize("line,expected", [
     ("tests/test_pack24.py::test_opcheck[cuda-torch.int8] PASSED           [ 10%]",
      ("tests/test_pack24.py::test_opcheck[cuda-torch.int8]", "PASSED")),
-    ("[gw3] [ 57%] FAILED tests/test_gpu.py::test_sparse_linear_matches_dense_on_ffn_shapes[torch.float16-512x4096x14336]",
+    ("[gw3] [ 57%] FAILED "
+     "tests/test_gpu.py::test_sparse_linear_matches_dense_on_ffn_shapes[torch.float16-512x4096x14336]",
      ("tests/test_gpu.py::test_sparse_linear_matches_dense_on_ffn_shapes[torch.float16-512x4096x14336]", "FAILED")),
     ("ERROR tests/test_export.py::test_packed_linear_matches_dense_on_gpu - RuntimeError: CUDA error",
      ("tests/test_export.py::test_packed_linear_matches_dense_on_gpu", "ERROR")),
@@ -64,7 +65,8 @@ def test_targets_pass_fail_and_not_run(tmp_path):
     size = 16 * 4096 * 1024
     results.rows["fused_step"] = [fused_row("step phase 2 fp32 model", size, 0.91, 1.2),
                                   fused_row("step phase 2 bf16 model, bf16 p", size, 0.84, 0.93)]
-    results.rows["pack24"] = [pack_row("4096x14336", "bfloat16", 75.0, 0.120), pack_row("4096x4096", "float16", 60.0, 0.05)]
+    results.rows["pack24"] = [pack_row("4096x14336", "bfloat16", 75.0, 0.120),
+                              pack_row("4096x4096", "float16", 60.0, 0.05)]
     v = verdicts(results)
     assert v["Triton nm_prune against the reference, bit for bit"] == ("1 passed", "pass")
     assert v["pack24/unpack24 on CUDA byte-identical to the CPU path and to torch's conversion"] == (

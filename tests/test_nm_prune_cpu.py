@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from nm_cases import same_bits, shapes_for, with_specials
 from step_kernels import _extension, ops
 from step_kernels import reference as ref
-from nm_cases import same_bits, shapes_for, with_specials
 
 pytestmark = pytest.mark.skipif(
     _extension.missing_reason() is not None, reason=str(_extension.missing_reason())

@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
+from nm_cases import same_bits, shapes_for, with_specials
 from step_kernels import ops
 from step_kernels import reference as ref
-from nm_cases import same_bits, shapes_for, with_specials
 
 pytest.importorskip("triton")
 

@@ -335,7 +335,8 @@ def test_step_without_grads_changes_nothing_and_counts_nowhere(recipe, switch, b
     for idle in (False, True):
         model = TwoBranch()
         opt = sk.STEP(sk.sparse_param_groups(model, exclude=[]), recipe=recipe, backend=backend,
-                      switch=sk.AutoSwitch(threshold=1.0, rule="absolute") if switch is None else switch, betas=(0.9, 0.5))
+                      switch=sk.AutoSwitch(threshold=1.0, rule="absolute") if switch is None else switch,
+                      betas=(0.9, 0.5))
         for step in range(6):
             if idle:
                 opt.zero_grad(set_to_none=True)
@@ -858,7 +859,7 @@ def test_state_dict_is_deterministic_and_round_trips(backend):
             opt.step()
         return model, opt
 
-    (model_a, opt_a), (model_b, opt_b) = run(), run()
+    (model_a, opt_a), (_, opt_b) = run(), run()
     saved = snapshot_state_dict(opt_a.state_dict())
     assert_same(saved, snapshot_state_dict(opt_b.state_dict()))
     assert_same(saved, snapshot_state_dict(opt_a.state_dict()))

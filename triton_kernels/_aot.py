@@ -157,7 +157,8 @@ def report(capabilities: Sequence[int] = (80, 90), configs: Optional[List[Kernel
 
 def format_report(rows: List[dict]) -> str:
     """A markdown table of :func:`report`'s rows."""
-    head = "| kernel | sm | regs | stack | local | LDG.128 / LDG (need) | STG.128 / STG (need) |\n|---|---|---|---|---|---|---|"
+    head = ("| kernel | sm | regs | stack | local | LDG.128 / LDG (need) | STG.128 / STG (need) |\n"
+            "|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         lines.append(f"| {r['name']} | {r['sm']} | {r['registers']} | {r['stack']} | {r['local']} | "

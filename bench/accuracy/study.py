@@ -500,7 +500,7 @@ def cmd_report(args) -> None:
             f"standard-library packages (STEP through `STEP.from_adamw`; ASP prunes at once). The corpora are "
             f"standard-library sources, so they depend on the Python version (recorded per run).\n\n"
             f"{tables}\n" + "\n".join(plots) + "\n\nThe first study (protocol v1: 1000 steps, beta2 0.99, "
-            f"constant lr) is archived in [REPORT_v1.md](bench/accuracy/REPORT_v1.md).\n")
+            "constant lr) is archived in [REPORT_v1.md](bench/accuracy/REPORT_v1.md).\n")
     with open(REPORT, "w") as f:
         f.write("# Accuracy study\n\n" + body.replace("](bench/accuracy/", "]("))
     with open(README) as f:

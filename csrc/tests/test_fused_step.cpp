@@ -8,13 +8,13 @@
 #include "../fused_step.h"
 
 static int failures = 0;
-#define CHECK_EQ(a, b)                                                                                \
-  do {                                                                                                \
-    const double _a = static_cast<double>(a), _b = static_cast<double>(b);                            \
-    if (!(_a == _b)) {                                                                                \
-      std::printf("FAIL %s:%d: %s = %.9g, expected %.9g\n", __FILE__, __LINE__, #a, _a, _b);         \
-      ++failures;                                                                                     \
-    }                                                                                                 \
+#define CHECK_EQ(a, b)                                                                       \
+  do {                                                                                       \
+    const double _a = static_cast<double>(a), _b = static_cast<double>(b);                   \
+    if (!(_a == _b)) {                                                                       \
+      std::printf("FAIL %s:%d: %s = %.9g, expected %.9g\n", __FILE__, __LINE__, #a, _a, _b); \
+      ++failures;                                                                            \
+    }                                                                                        \
   } while (0)
 
 using namespace step_kernels;
@@ -37,13 +37,13 @@ int main() {
 
   // fp16: normal, ties to even, overflow, subnormals, NaN keeps its sign
   CHECK_EQ(f16_from_f32(1.0f), 0x3c00u);
-  CHECK_EQ(f16_from_f32(1.0f + 1.0f / 2048), 0x3c00u);      // tie, even stays
-  CHECK_EQ(f16_from_f32(1.0f + 3.0f / 2048), 0x3c02u);      // tie, odd rounds up
+  CHECK_EQ(f16_from_f32(1.0f + 1.0f / 2048), 0x3c00u);  // tie, even stays
+  CHECK_EQ(f16_from_f32(1.0f + 3.0f / 2048), 0x3c02u);  // tie, odd rounds up
   CHECK_EQ(f16_from_f32(65504.0f), 0x7bffu);
-  CHECK_EQ(f16_from_f32(65520.0f), 0x7c00u);                // rounds to inf
-  CHECK_EQ(f16_from_f32(std::ldexp(1.0f, -24)), 0x0001u);   // smallest subnormal
-  CHECK_EQ(f16_from_f32(std::ldexp(1.0f, -25)), 0x0000u);   // tie to even: zero
-  CHECK_EQ(f16_from_f32(std::ldexp(3.0f, -26)), 0x0001u);   // above the tie
+  CHECK_EQ(f16_from_f32(65520.0f), 0x7c00u);               // rounds to inf
+  CHECK_EQ(f16_from_f32(std::ldexp(1.0f, -24)), 0x0001u);  // smallest subnormal
+  CHECK_EQ(f16_from_f32(std::ldexp(1.0f, -25)), 0x0000u);  // tie to even: zero
+  CHECK_EQ(f16_from_f32(std::ldexp(3.0f, -26)), 0x0001u);  // above the tie
   CHECK_EQ(f16_from_f32(-2.0f), 0xc000u);
   CHECK_EQ(f16_from_f32(-NAN), 0xfe00u);
   for (uint32_t h = 0; h < 0x7c00u; h += 7)  // every 7th finite half round-trips exactly

@@ -6,18 +6,21 @@
 #include "../nm_select.h"
 
 static int failures = 0;
-#define CHECK_EQ(a, b)                                                                     \
-  do {                                                                                     \
-    auto _a = (a);                                                                         \
-    auto _b = (b);                                                                         \
-    if (_a != _b) {                                                                        \
-      std::printf("FAIL %s:%d: %s = 0x%x, expected 0x%x\n", __FILE__, __LINE__, #a,       \
-                  (unsigned)_a, (unsigned)_b);                                             \
-      ++failures;                                                                          \
-    }                                                                                      \
+#define CHECK_EQ(a, b)                                                                                           \
+  do {                                                                                                           \
+    auto _a = (a);                                                                                               \
+    auto _b = (b);                                                                                               \
+    if (_a != _b) {                                                                                              \
+      std::printf("FAIL %s:%d: %s = 0x%x, expected 0x%x\n", __FILE__, __LINE__, #a, (unsigned)_a, (unsigned)_b); \
+      ++failures;                                                                                                \
+    }                                                                                                            \
   } while (0)
 
-static unsigned popcount(unsigned x) { unsigned c = 0; for (; x; x &= x - 1) ++c; return c; }
+static unsigned popcount(unsigned x) {
+  unsigned c = 0;
+  for (; x; x &= x - 1) ++c;
+  return c;
+}
 
 int main() {
   using step_kernels::nm_key;

@@ -16,13 +16,13 @@ using namespace step_kernels;
 using namespace step_kernels::pack24;
 
 static int failures = 0;
-#define CHECK_EQ(a, b)                                                                          \
-  do {                                                                                          \
-    const long long _a = static_cast<long long>(a), _b = static_cast<long long>(b);             \
-    if (_a != _b) {                                                                             \
+#define CHECK_EQ(a, b)                                                                                          \
+  do {                                                                                                          \
+    const long long _a = static_cast<long long>(a), _b = static_cast<long long>(b);                             \
+    if (_a != _b) {                                                                                             \
       if (failures < 20) std::printf("FAIL %s:%d: %s = %lld, expected %lld\n", __FILE__, __LINE__, #a, _a, _b); \
-      ++failures;                                                                               \
-    }                                                                                           \
+      ++failures;                                                                                               \
+    }                                                                                                           \
   } while (0)
 
 // torch/sparse/_semi_structured_conversions.py::_calculate_meta_reordering_scatter_offsets, per element.
@@ -72,7 +72,7 @@ static void test_ref_nibble() {
 
 static float half_to_float(uint16_t h) {
   const int exp = (h >> 10) & 0x1F, man = h & 0x3FF;
-  float mag = exp == 0 ? std::ldexp(static_cast<float>(man), -24)
+  float mag = exp == 0    ? std::ldexp(static_cast<float>(man), -24)
               : exp == 31 ? (man ? NAN : INFINITY)
                           : std::ldexp(static_cast<float>(man | 0x400), exp - 25);
   return (h & 0x8000) ? -mag : mag;
@@ -91,7 +91,7 @@ static uint16_t random_bits(uint16_t inf_bits) {
     case 1: return 0x8000;
     case 2: return inf_bits;
     case 3: return static_cast<uint16_t>(inf_bits | 1 | (std::rand() & 0x8000));  // NaN
-    case 4: return static_cast<uint16_t>(0x3c00 | (std::rand() & 0x8000));       // +-1-ish tie
+    case 4: return static_cast<uint16_t>(0x3c00 | (std::rand() & 0x8000));        // +-1-ish tie
     default: return static_cast<uint16_t>(std::rand() & 0xFFFF);
   }
 }
@@ -158,7 +158,8 @@ static void test_unpack_inverts_pack() {
     CHECK_EQ(again[1], v[1]);
   }
   for (uint32_t nibble = 0; nibble < 16; ++nibble) {
-    const int count = (nibble == 0x4) + (nibble == 0x8) + (nibble == 0xC) + (nibble == 0x9) + (nibble == 0xD) + (nibble == 0xE);
+    const int count =
+        (nibble == 0x4) + (nibble == 0x8) + (nibble == 0xC) + (nibble == 0x9) + (nibble == 0xD) + (nibble == 0xE);
     CHECK_EQ(valid_nibble(nibble), count);
   }
 }
@@ -231,9 +232,11 @@ static void test_avx2_rows16() {
   for (int trial = 0; trial < 400; ++trial) {
     for (auto& e : x) e = random_bits(T::kInfBits);
     if (trial % 3 == 0)  // mostly 2:4 rows, so the no-error path is covered too
-      for (int64_t g = 0; g < k / 4; ++g) x[4 * g + std::rand() % 4] = 0, x[4 * g + (std::rand() % 2 ? 1 : 3)] = 0, x[4 * g] = 0;
+      for (int64_t g = 0; g < k / 4; ++g)
+        x[4 * g + std::rand() % 4] = 0, x[4 * g + (std::rand() % 2 ? 1 : 3)] = 0, x[4 * g] = 0;
     for (int prune = 0; prune < 2; ++prune) {
-      CHECK_EQ(pack_row_avx2<T>(x.data(), k, prune, v2.data(), w2.data()), pack_row<T>(x.data(), k, prune, v1.data(), w1.data()));
+      CHECK_EQ(pack_row_avx2<T>(x.data(), k, prune, v2.data(), w2.data()),
+               pack_row<T>(x.data(), k, prune, v1.data(), w1.data()));
       if (!prune && first_overfull_group<T>(x.data(), k) >= 0) continue;  // outputs unspecified on error
       for (int64_t i = 0; i < k / 2; ++i) CHECK_EQ(v2[i], v1[i]);
       for (int64_t i = 0; i < k / 16; ++i) CHECK_EQ(w2[i], w1[i]);
@@ -246,11 +249,13 @@ static void test_avx2_rows_int8() {
   std::vector<int8_t> x(k), v1(k / 2), v2(k / 2);
   std::vector<int32_t> w1(k / 32), w2(k / 32);
   for (int trial = 0; trial < 400; ++trial) {
-    for (auto& e : x) e = static_cast<int8_t>(std::rand() % 3 == 0 ? 0 : std::rand() % 5 == 0 ? -128 : std::rand() % 7 - 3);
+    for (auto& e : x)
+      e = static_cast<int8_t>(std::rand() % 3 == 0 ? 0 : std::rand() % 5 == 0 ? -128 : std::rand() % 7 - 3);
     if (trial % 3 == 0)
       for (int64_t g = 0; g < k / 4; ++g) x[4 * g + 1] = 0, x[4 * g + (std::rand() % 2 ? 2 : 3)] = 0;
     for (int prune = 0; prune < 2; ++prune) {
-      CHECK_EQ(pack_row_avx2_int8(x.data(), k, prune, v2.data(), w2.data()), pack_row<Int8>(x.data(), k, prune, v1.data(), w1.data()));
+      CHECK_EQ(pack_row_avx2_int8(x.data(), k, prune, v2.data(), w2.data()),
+               pack_row<Int8>(x.data(), k, prune, v1.data(), w1.data()));
       if (!prune && first_overfull_group<Int8>(x.data(), k) >= 0) continue;
       for (int64_t i = 0; i < k / 2; ++i) CHECK_EQ(v2[i], v1[i]);
       for (int64_t i = 0; i < k / 32; ++i) CHECK_EQ(w2[i], w1[i]);

@@ -90,7 +90,8 @@ def full_summary(model, opt, group):
             if group["sparsity"] is not None and opt.phase == "sparse":
                 master = sk.reference.nm_prune(master, 2, 4, 1)[0]
             written.append(torch.equal(p.detach(), master.to(p.dtype)))
-    return {"written_from_masters": all(written), "masters": masters, "params": params, "switch_step": opt.switch_step, "step": stats["step"],
+    return {"written_from_masters": all(written), "masters": masters, "params": params,
+            "switch_step": opt.switch_step, "step": stats["step"],
             "phase": opt.phase, "z_history": stats["z_history"], "flip_rate": stats["flip_rate"],
             "precond_floor_count": stats["precond_floor_count"]}
 
@@ -201,7 +202,8 @@ def distopt_summary(ddp, opt):
         if group["sparsity"] is not None and opt.phase == "sparse":
             master = sk.reference.nm_prune(master.reshape(-1, 4), 2, 4, 1)[0]
         # the model parameter (after DDP's all-gather) holds mask(master) in the model dtype
-        written.append(torch.equal(param.detach().reshape(-1)[start:end].cpu(), master.reshape(-1).to(param.dtype).cpu()))
+        written.append(torch.equal(param.detach().reshape(-1)[start:end].cpu(),
+                                   master.reshape(-1).to(param.dtype).cpu()))
     stats = opt.stats()
     return {"params": {n: p.detach().float().cpu().clone() for n, p in ddp.module.named_parameters()},
             "masters": masters, "written_from_masters": all(written), "switch_step": opt.switch_step,

@@ -20,7 +20,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-
 import step_kernels as sk  # noqa: E402
 from step_kernels.distributed import DistributedSTEP, prepare_optimizer_for_load  # noqa: E402
 
