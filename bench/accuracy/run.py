@@ -20,7 +20,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from typing import Dict, Optional
@@ -31,6 +30,7 @@ from step_kernels import STEP, AutoSwitch, sparse_param_groups
 from step_kernels.reference import nm_mask, parse_sparsity
 from step_kernels.targets import find_targets
 
+from .._common import git_commit
 from .tasks import TASKS, Task
 
 RECIPES = ("dense", "asp", "srste", "step")
@@ -111,7 +111,7 @@ def _pattern_ok(model: torch.nn.Module, task: Task, sparsity: str) -> bool:
 
 def train(config: RunConfig, steps: Optional[int] = None, progress=None) -> Dict:
     """Train one run and return its result (curve, final metrics, switch step, flip rates, time)."""
-    commit = source_commit()
+    commit = git_commit() or "unknown"
     task = TASKS[config.task]()
     steps = steps or task.steps
     model = task.build(config.seed)
@@ -167,19 +167,6 @@ def train(config: RunConfig, steps: Optional[int] = None, progress=None) -> Dict
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
         "corpus_bytes": getattr(task, "corpus_bytes", None), "commit": commit,
     }
-
-
-def source_commit() -> str:
-    """The commit of the code a run trains with (``+dirty`` when tracked files differ from it)."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("+dirty" if dirty else "")
 
 
 def result_path(results_dir: str, config: RunConfig) -> str:
