@@ -340,12 +340,19 @@ def _autoswitch_table(results: Dict[str, Dict]) -> List[str]:
             "seed noise (larger std) | within noise |", "|---|---|---|---|---|---|---|", *rows, ""]
 
 
-def _plot(results: Dict[str, Dict], task: str, path: str) -> bool:
-    """Validation curves (mean over seeds) per ratio, and seed 0's flip rate, for each recipe."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (imported when a plot is drawn)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot(results: Dict[str, Dict], task: str, path: str) -> bool:
+    """Validation curves (mean over seeds) per ratio, and seed 0's flip rate, for each recipe."""
+    plt = _pyplot()
 
     sparsities = TASKS[task].sparsities
     fig, axes = plt.subplots(2, len(sparsities), figsize=(4.2 * len(sparsities), 7), squeeze=False)
@@ -387,10 +394,7 @@ def _plot(results: Dict[str, Dict], task: str, path: str) -> bool:
 
 def _plot_sweep(results: Dict[str, Dict], task: str, path: str) -> bool:
     """The sweep: the metric against the switch point (mean ± std over seeds), AutoSwitch marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     lr = tuned_lr(task, "step", results)
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -428,10 +432,7 @@ def _plot_sweep(results: Dict[str, Dict], task: str, path: str) -> bool:
 def _plot_autoswitch(results: Dict[str, Dict], path: str) -> bool:
     """AutoSwitch's statistic: the window mean of Z per step in each task's tuned step 2:4 run on
     seed 0, against the threshold it is compared with."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     from step_kernels.reference import autoswitch_window
 
