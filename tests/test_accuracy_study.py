@@ -72,6 +72,10 @@ def test_a_best_lr_at_the_edge_grows_the_grid_for_every_recipe():
     _tune(results, "lm", grid, best)
     grown, final = study.lr_grid("lm", results)
     assert grown == (grid[0] / 2,) + grid and not final
+    table = study._tuning_table(results, "lm")
+    assert f"peak lr {grid[0] / 2:g}" in table[2] and "in progress" in table[0]
+    step_row = next(row for row in table if row.startswith("| step |"))
+    assert step_row.split(" | ")[1:3] == ["-", "2.0000"]  # the new lr not run yet; 3.0 - 1 at the old edge
     assert study.tuned_lr("lm", "dense", results) is None
     todo = {(c.recipe, c.lr) for c in study.plan(results, ("lm",)) if c.run_id not in results}
     assert todo == {(r, grid[0] / 2) for r in study.RECIPES}

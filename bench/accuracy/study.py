@@ -253,11 +253,30 @@ def _task_title(task: str) -> str:
     return f"**{task}** ({t.__doc__.splitlines()[0].rstrip('.')}): {t.metric}, {direction} is better"
 
 
+def _tuning_table(results: Dict[str, Dict], task: str) -> List[str]:
+    """Markdown lines: the seed-0 2:4 metric of every recipe at every lr of the task's grid."""
+    grid, final = lr_grid(task, results)
+    rows = []
+    for recipe in RECIPES:
+        cells = []
+        for lr in grid:
+            result = results.get(_tuning_config(task, recipe, lr).run_id)
+            cells.append(f"{_value(result):.4f}" if result else "-")
+        rows.append(f"| {recipe} | {' | '.join(cells)} |")
+    if all(cell == "-" for row in rows for cell in row.strip("| ").split(" | ")[1:]):
+        return []
+    state = "final" if final else "in progress"
+    return [f"Tuning ({task}, seed 0, {TUNE_SPARSITY}; dense unmasked; {TASKS[task].metric}; {state})", "",
+            "| recipe | " + " | ".join(f"peak lr {lr:g}" for lr in grid) + " |",
+            "|" + "---|" * (len(grid) + 1), *rows, ""]
+
+
 def summary_tables(results: Dict[str, Dict]) -> str:
-    """Markdown: per task, recipe x ratio mean ± std with the paired STEP-vs-SR-STE test; then the
-    switch-point sweep and AutoSwitch's place in it."""
+    """Markdown: per task, the tuning grid, recipe x ratio mean ± std with the paired STEP-vs-SR-STE
+    test; then the switch-point sweep and AutoSwitch's place in it."""
     lines = []
     for task in TASK_ORDER:
+        lines += _tuning_table(results, task)
         metric = TASKS[task].metric
         extra = [] if metric == "val_loss" else ["val_loss"]  # the classifier also shows its loss
         rows = []
