@@ -5,8 +5,8 @@ Writes ``bench/results/<machine>.json`` (machine, versions, git commit, every re
 one. ``--quick`` keeps sizes small (under 3 minutes on 2 CPU cores) and writes
 ``<machine>-quick.*`` instead, so a quick look never replaces a machine's full results;
 ``--only a,b`` picks benchmarks by name. Nothing outside the output folder changes unless
-``--write-docs`` is given (full runs only): then every machine's full report is copied into the
-published tables (the README's benchmark section, ``bench/readme.py``).
+``--write-docs`` is given (full runs only): then docs/benchmarks.md is regenerated from every
+machine's full report (``bench/readme.py``). No benchmark run writes the README.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=RESULTS_DIR, help="directory for the .json, .md and .png files")
     parser.add_argument("--write-docs", action="store_true",
-                        help="after a full run, copy every machine's report into the README's benchmark section")
+                        help="after a full run, regenerate docs/benchmarks.md from every machine's full report")
     args = parser.parse_args(argv)
     if args.write_docs and (args.quick or args.only):
         parser.error("--write-docs publishes full runs only: drop --quick and --only")
@@ -95,8 +95,8 @@ def main(argv: List[str] = None) -> int:
     with open(md_path, "w") as f:
         f.write("\n".join(sections))
     print(f"wrote {json_path} and {md_path}")
-    if args.write_docs and readme.update_readme(results_dir=args.out):
-        print(f"updated the bench section of {readme.README}")
+    if args.write_docs:
+        print(f"wrote {readme.write_docs(results_dir=args.out)}")
     return 0
 
 

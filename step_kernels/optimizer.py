@@ -231,7 +231,7 @@ class STEP(torch.optim.Optimizer):
     ``1 / precond_eps``.
 
     The defaults of ``srste_decay``, ``precond_eps``, ``precond_dtype`` and the bias-corrected
-    frozen v were kept after the ablations of ``bench/accuracy`` (README, "Accuracy study"):
+    frozen v were kept after the ablations of ``bench/accuracy`` (docs/optimizer.md, bench/accuracy/REPORT_v1.md):
     plain STE was worse; raw v, ``precond_eps`` 1e-8 and a bf16 preconditioner were within seed
     noise. AutoSwitch's default rule is scale-free (see :class:`AutoSwitch`); check
     ``opt.switch_step`` and ``opt.stats()["z_history"]``, or pass ``switch=k`` to fix the step.

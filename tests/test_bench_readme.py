@@ -1,4 +1,5 @@
-"""bench/readme.py: every machine's report lands in the README section, headings and plots fixed."""
+"""bench/readme.py: every machine's full report lands in docs/benchmarks.md, headings and plots fixed;
+benchmark runs never write the README."""
 
 from bench import readme
 
@@ -8,36 +9,28 @@ def _write(path, text):
     return path
 
 
-def test_reports_of_every_machine_replace_the_section_and_nothing_else(tmp_path):
+def test_reports_of_every_machine_make_the_page(tmp_path):
     results = tmp_path / "bench" / "results"
     results.mkdir(parents=True)
+    (tmp_path / "docs").mkdir()
     _write(results / "gpu-h100.md", "# Benchmarks on H100\n\n## pack24\n\n| a |\n\n![pack24](gpu-h100-pack24.png)\n")
     _write(results / "cpu-x86.md", "# Benchmarks on EPYC\n\n## optimizer_step\n\n| b |\n")
-    readme_md = _write(tmp_path / "README.md", "intro\n<!-- bench:begin -->\nold table\n<!-- bench:end -->\ntail\n")
-    assert readme.update_readme(str(readme_md), str(results))
-    text = readme_md.read_text()
-    assert "old table" not in text and text.startswith("intro\n") and text.endswith("tail\n")
-    assert text.index("### Benchmarks on EPYC") < text.index("### Benchmarks on H100")  # machine-name order
-    assert "#### optimizer_step" in text and "#### pack24" in text
-    assert "![pack24](bench/results/gpu-h100-pack24.png)" in text
+    page = _write(tmp_path / "docs" / "benchmarks.md", "old table\n")
+    assert readme.write_docs(str(page), str(results)) == str(page)
+    text = page.read_text()
+    assert "old table" not in text and text.startswith("# Benchmarks\n")
+    assert text.index("## Benchmarks on EPYC") < text.index("## Benchmarks on H100")  # machine-name order
+    assert "### optimizer_step" in text and "### pack24" in text
+    assert "![pack24](../bench/results/gpu-h100-pack24.png)" in text
 
 
-def test_readme_without_markers_is_left_alone(tmp_path):
-    results = tmp_path / "bench" / "results"
-    results.mkdir(parents=True)
-    _write(results / "cpu-x86.md", "# Benchmarks\n")
-    readme_md = _write(tmp_path / "README.md", "no markers here\n")
-    assert readme.update_readme(str(readme_md), str(results)) is False
-    assert readme_md.read_text() == "no markers here\n"
-
-
-def test_a_quick_run_writes_its_own_files_and_leaves_the_readme_alone(tmp_path, monkeypatch):
+def test_a_quick_run_writes_its_own_files_and_no_docs(tmp_path, monkeypatch):
     import pytest
 
     from bench import __main__ as driver
 
     written = []
-    monkeypatch.setattr(readme, "update_readme", lambda *a, **k: written.append(k) or True)
+    monkeypatch.setattr(readme, "write_docs", lambda *a, **k: written.append(k) or "")
     assert driver.main(["--quick", "--only", "pack24", "--device", "cpu", "--out", str(tmp_path)]) == 0
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names and all(name.endswith(("-quick.json", "-quick.md")) or "-quick-" in name for name in names)
@@ -54,3 +47,11 @@ def test_quick_reports_are_not_published(tmp_path):
     _write(results / "cpu-x86-quick.md", "# Benchmarks quick\n")
     text = readme.render(str(results), str(tmp_path))
     assert "full" in text and "quick" not in text
+
+
+def test_the_committed_page_is_what_the_committed_reports_give():
+    import os
+
+    with open(readme.DOCS) as f:
+        committed = f.read()
+    assert committed == readme.INTRO + "\n" + readme.render(readme.RESULTS_DIR, os.path.dirname(readme.DOCS)) + "\n"

@@ -158,3 +158,12 @@ def test_demo_names_the_python_version(tmp_path, capsys):
     size = f"{stdlib_corpus().numel() / 1e6:.2f} MB"
     assert f"{size} of Python {platform.python_version()} standard-library source" in banner
     assert os.path.exists(tmp_path / "loss_curves.png")
+
+
+def test_readme_links_every_docs_page():
+    """The README is the entry point: every page under docs/ is linked from it."""
+    readme = _read("README.md")
+    pages = [rel for rel in _repo_files((".md",)) if rel.startswith("docs/") and rel.count("/") == 1]
+    assert "docs/benchmarks.md" in pages and "docs/optimizer.md" in pages
+    missing = [rel for rel in pages if f"]({rel})" not in readme and f"]({rel}#" not in readme]
+    assert not missing, "docs pages the README does not link: " + ", ".join(missing)

@@ -4,8 +4,8 @@
 ``python -m bench.accuracy.study run [--max-minutes M] [--task lm]`` trains missing runs in plan
 order (each result is one JSON file under ``bench/accuracy/results/``, so the study resumes where
 it stopped and can be spread over many sessions); ``python -m bench.accuracy.study report``
-writes ``bench/accuracy/REPORT.md`` and its plots from the committed results, and copies the
-summary tables into the top-level README between the ``accuracy`` markers.
+writes ``bench/accuracy/REPORT.md`` and its plots from the committed results, and writes
+a short status with a link to the report into the top-level README between the ``accuracy`` markers.
 
 The plan, fixed before any result of it was seen, the same for every recipe (see ``run.py`` for
 the training protocol):
@@ -523,11 +523,15 @@ def cmd_report(args) -> None:
             "constant lr) is archived in [REPORT_v1.md](bench/accuracy/REPORT_v1.md).\n")
     with open(REPORT, "w") as f:
         f.write("# Accuracy study\n\n" + body.replace("](bench/accuracy/", "]("))
+    # The README gets a short status and a link; the tables, plots and method live in REPORT.md only.
+    status = (f"{done} runs done of {max(len(configs), planned_total())} planned. Tables, plots and method: "
+              f"[bench/accuracy/REPORT.md](bench/accuracy/REPORT.md) (regenerate with "
+              f"`python -m bench.accuracy.study report`; continue with `python -m bench.accuracy.study run`).\n")
     with open(README) as f:
         readme = f.read()
     begin, end = "<!-- accuracy:begin -->", "<!-- accuracy:end -->"
     if begin in readme and end in readme:
-        readme = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: f"{begin}\n{body}{end}", readme,
+        readme = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: f"{begin}\n{status}{end}", readme,
                         flags=re.S)
         with open(README, "w") as f:
             f.write(readme)
