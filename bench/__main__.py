@@ -17,7 +17,7 @@ import json
 import os
 import sys
 import time
-from typing import List
+from typing import Dict, List
 
 import torch
 
@@ -30,6 +30,16 @@ MODULES = ["bench.bench_optimizer_step", "bench.bench_fused_step_triton", "bench
            "bench.bench_pack24", "bench.bench_sparse_linear", "bench.static_kernels"]
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def _previous_seconds(path: str) -> Dict[str, float]:
+    """Seconds per benchmark in the last report at ``path`` (skipped ones count 0), or {}."""
+    try:
+        with open(path) as f:
+            benchmarks = json.load(f)["benchmarks"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    return {name: entry.get("seconds", 0.0) for name, entry in benchmarks.items()}
 
 
 def main(argv: List[str] = None) -> int:
@@ -69,14 +79,17 @@ def main(argv: List[str] = None) -> int:
                 f"{meta['date']}, {'quick' if args.quick else 'full'} run, "
                 f"{meta['cpu_threads']} CPU threads. Regenerate: `python -m bench"
                 f"{' --quick' if args.quick else ''}`.\n"]
-    for module in modules:
+    previous = _previous_seconds(os.path.join(args.out, f"{stem}.json"))
+    for index, module in enumerate(modules, start=1):
+        left = [previous.get(m.NAME) for m in modules[index - 1:]]
+        eta = f", about {sum(left):.0f} s left by the last run" if left and None not in left else ""
+        print(f"[{index}/{len(modules)}] {module.NAME}{eta}", flush=True)
         skip = getattr(module, "skip_reason", lambda d: None)(device)
         if skip:
             print(f"[{module.NAME}] skipped: {skip}", flush=True)
             report["benchmarks"][module.NAME] = {"skipped": skip}
             sections.append(f"## {module.NAME}\n\nNot run: {skip}\n")
             continue
-        print(f"[{module.NAME}]", flush=True)
         start = time.perf_counter()
         rows = module.run(device, args.quick, progress=lambda line: print(line, flush=True))
         seconds = time.perf_counter() - start

@@ -50,6 +50,12 @@ def verify_pattern(model: TinyGPT, sparsity: str) -> bool:
     return True
 
 
+def eta(elapsed: float, done: int, total: int) -> str:
+    """The time left at the rate so far, as ``m:ss``."""
+    left = elapsed / max(done, 1) * (total - done)
+    return f"{int(left // 60)}:{int(left % 60):02d}"
+
+
 def warmup_cosine(opt: torch.optim.Optimizer, steps: int, warmup_fraction: float = 0.05,
                   final_fraction: float = 0.1) -> torch.optim.lr_scheduler.LRScheduler:
     """Linear warm-up over ``warmup_fraction`` of ``steps``, then cosine decay to
@@ -84,9 +90,10 @@ def run_recipe(recipe: str, args, train: torch.Tensor, val: torch.Tensor) -> Dic
             val_loss = evaluate(model, val, args.ctx)
             curve.append((step, val_loss))
             flip = opt.stats()["flip_rate"]
+            elapsed = time.perf_counter() - start
             print(f"  [{recipe:>5}] step {step:4d}/{args.steps}  train {loss.item():.3f}  val {val_loss:.3f}"
-                  f"  phase {opt.phase:<6}" + (f"  flip rate {flip:.4f}" if flip is not None else ""),
-                  flush=True)
+                  f"  phase {opt.phase:<6}" + (f"  flip rate {flip:.4f}" if flip is not None else "")
+                  + f"  {step / elapsed:5.1f} steps/s, ETA {eta(elapsed, step, args.steps)}", flush=True)
     wall = time.perf_counter() - start
     masked = recipe != "dense"
     return {

@@ -147,3 +147,15 @@ def test_planned_total_counts_the_whole_plan_once_tuned():
     for task in study.TASK_ORDER:
         _tune(results, task, study.LR_GRID, {r: study.LR_GRID[1] for r in study.RECIPES})
     assert len(study._unique(study.plan(results))) == study.planned_total()
+
+
+def test_plan_eta_uses_each_task_median_and_counts_untimed_tasks():
+    def done(task, seed, wall):
+        config = RunConfig(task, "dense", None, 1e-3, seed)
+        return config.run_id, {"config": {"task": task}, "wall_s": wall}
+
+    results = dict([done("lm", 0, 100.0), done("lm", 1, 300.0), done("lm", 2, 200.0)])
+    todo = [RunConfig("lm", "asp", "2:4", 1e-3, s) for s in range(18)] + [RunConfig("gpt2", "asp", "2:4", 1e-3, 0)]
+    assert study._plan_eta(results, todo) == ("19 runs planned so far, about 1.0 h at this machine's median per "
+                                              "task (+1 of tasks not timed yet)")
+    assert study._plan_eta({}, todo) == "19 runs to go (no timing yet)"

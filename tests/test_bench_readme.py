@@ -55,3 +55,14 @@ def test_the_committed_page_is_what_the_committed_reports_give():
     with open(readme.DOCS) as f:
         committed = f.read()
     assert committed == readme.INTRO + "\n" + readme.render(readme.RESULTS_DIR, os.path.dirname(readme.DOCS)) + "\n"
+
+
+def test_progress_estimates_come_from_the_last_report(tmp_path):
+    import json
+
+    from bench import __main__ as driver
+
+    report = tmp_path / "cpu-x86.json"
+    report.write_text(json.dumps({"benchmarks": {"pack24": {"seconds": 4.5}, "sparse_linear": {"skipped": "no GPU"}}}))
+    assert driver._previous_seconds(str(report)) == {"pack24": 4.5, "sparse_linear": 0.0}
+    assert driver._previous_seconds(str(tmp_path / "missing.json")) == {}

@@ -147,7 +147,10 @@ def train(config: RunConfig, steps: Optional[int] = None, progress=None) -> Dict
             metrics = task.evaluate(model)
             curve.append({"step": step, "train_loss": loss.item(), **metrics})
             if progress:
-                progress(f"    {config.run_id} step {step}/{steps} {task.metric} {metrics[task.metric]:.4f}")
+                elapsed = time.perf_counter() - begin
+                left = elapsed / step * (steps - step)
+                progress(f"    {config.run_id} step {step}/{steps} {task.metric} {metrics[task.metric]:.4f}  "
+                         f"{step / elapsed:.1f} steps/s, ETA {int(left // 60)}:{int(left % 60):02d}")
     wall = time.perf_counter() - begin
     final_stats = opt.stats()
     switch = opt.switch if config.recipe == "step" and isinstance(opt.switch, AutoSwitch) else None

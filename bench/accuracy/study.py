@@ -162,6 +162,19 @@ def cmd_plan(args) -> None:
           "(runs that need a tuned lr appear then)")
 
 
+def _plan_eta(results: Dict[str, Dict], todo: List[RunConfig]) -> str:
+    """The time the runs in ``todo`` need at the median wall time of each task's stored runs."""
+    medians = {task: statistics.median(r["wall_s"] for r in results.values() if r["config"]["task"] == task)
+               for task in {r["config"]["task"] for r in results.values()}}
+    known = [medians[c.task] for c in todo if c.task in medians]
+    if not known:
+        return f"{len(todo)} runs to go (no timing yet)"
+    hours = sum(known) / 3600
+    unknown = len(todo) - len(known)
+    return (f"{len(todo)} runs planned so far, about {hours:.1f} h at this machine's median per task"
+            + (f" (+{unknown} of tasks not timed yet)" if unknown else ""))
+
+
 def cmd_run(args) -> None:
     if args.threads:
         import torch
@@ -178,7 +191,8 @@ def cmd_run(args) -> None:
             print(f"stopping: --max-minutes {args.max_minutes} reached; {len(todo)} runs left")
             return
         config = todo[0]
-        print(f"[{len(results) + 1}] {config.run_id}", flush=True)
+        print(f"[{len(results) + 1}/{planned_total(args.tasks)}] {config.run_id}; {_plan_eta(results, todo)}",
+              flush=True)
         start = time.time()
         result = run_if_missing(config, args.results, progress=lambda s: print(s, flush=True))
         if result is not None:
