@@ -28,6 +28,7 @@ Smoke run (d=64, 2 layers, 16 steps, checkpoint at step 12; what ``make test`` r
 import argparse
 import datetime
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -140,6 +141,12 @@ def main(argv=None):
               f"{save_at}, the final weights are bit-identical to the uninterrupted run's; every target 2:4")
         print("fsdp2_torchrun: all checks passed", flush=True)
     dist.barrier()
+    if dist.get_backend() == "gloo":
+        # Every rank has passed the final barrier, so all work is done. Tearing gloo down here can
+        # abort a rank whose peer already closed its sockets ("terminate called without an active
+        # exception", seen on a loaded 2-core machine), so a gloo run leaves without it.
+        sys.stdout.flush()
+        os._exit(0)
     dist.destroy_process_group()
 
 
