@@ -10,13 +10,17 @@ order (rtol 1e-12) and do not depend on the thread count: each chunk of 2048 ele
 the partials are added in chunk order.
 """
 
-import math
+import functools
 
 import pytest
 import torch
 from torch import nn
 
 import step_kernels as sk
+from helpers import NM_WIDE as NM
+from helpers import Conv1D, assert_live_w
+from helpers import assert_exact as assert_same
+from helpers import scalars as _scalars
 from step_kernels import ops
 from step_kernels import reference as ref
 
@@ -29,13 +33,7 @@ FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (masked, frozen_v, compute_stats): dense AdamW, phase 1 with AutoSwitch sums, SR-STE, phase 2
 FLAGS = {"dense": (False, False, False), "phase1": (False, False, True),
          "srste": (True, False, False), "phase2": (True, True, False)}
-NM = [(1, 2), (1, 4), (2, 4), (3, 4), (1, 8), (2, 8), (4, 8), (7, 8), (1, 16), (5, 16), (1, 32), (2, 32),
-      (16, 32), (31, 32)]
-
-
-def scalars(step=7, lr=0.05, weight_decay=0.1, srste_decay=0.3):
-    return ref.step_scalars(lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=weight_decay, step=step,
-                            srste_decay=srste_decay)
+scalars = functools.partial(_scalars, step=7, lr=0.05, weight_decay=0.1, srste_decay=0.3)
 
 
 def make_tensors(shapes, *, frozen, g_dtype, out_dtype, p_dtype=torch.float32, seed=0):
@@ -70,21 +68,6 @@ def run(backend, tensors, *, flags, n=0, m=0, dims=None, s=None, grad_scale=None
         found_inf=found_inf, compute_stats=stats,
     )
     return totals
-
-
-def assert_same(actual, expected, what):
-    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
-
-
-def assert_live_w(actual, expected, w_before, decay_factor, what):
-    """|actual - expected| <= 1 ulp(expected) + 2^-22 |update| (the reference's sqrt rounding)."""
-    update = (expected - w_before * torch.tensor(decay_factor, dtype=torch.float32)).abs()
-    spacing = (torch.nextafter(expected.abs(), torch.tensor(math.inf)) - expected.abs())
-    allowed = spacing + update * 2.0**-22
-    finite = ~torch.isnan(expected)
-    assert torch.equal(torch.isnan(actual), torch.isnan(expected)), f"{what}: NaN positions differ"
-    excess = (actual - expected).abs()[finite] > allowed[finite]
-    assert not excess.any(), f"{what}: {int(excess.sum())} elements beyond the reference's rounding"
 
 
 def compare(ours, theirs, tot_ours, tot_ref, *, flags, w_before, decay_factor, n=0, m=0, dims=None):
@@ -356,18 +339,6 @@ def test_empty_lists_and_empty_tensors():
 # ---------------------------------------------------------------------------------------------
 
 
-class Conv1D(nn.Module):
-    """transformers' Conv1D layout: weight [in, out]."""
-
-    def __init__(self, nf, nx):
-        super().__init__()
-        self.nf = nf
-        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
-
-    def forward(self, x):
-        return x @ self.weight
-
-
 def test_auto_picks_cpu_backend():
     assert sk.resolve_backend("auto", torch.device("cpu")) == "cpu"
     assert sk.STEP(nn.Linear(8, 4).parameters(), recipe="dense").backend == "cpu"
@@ -375,7 +346,7 @@ def test_auto_picks_cpu_backend():
 
 def mlp(dtype):
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(48, 128), nn.LayerNorm(128), Conv1D(64, 128), nn.Linear(64, 16)).to(dtype)
+    return nn.Sequential(nn.Linear(48, 128), nn.LayerNorm(128), Conv1D(64, 128, bias=None), nn.Linear(64, 16)).to(dtype)
 
 
 @pytest.mark.parametrize("recipe,dtype,precond_dtype", [

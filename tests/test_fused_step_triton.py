@@ -7,6 +7,7 @@ allowed ``ULPS`` units in the last place of the value or of the step's update; m
 RNE cast of the kernel's own masked master exactly.
 """
 
+import functools
 import os
 
 import pytest
@@ -14,6 +15,10 @@ import torch
 from torch import nn
 
 import step_kernels as sk
+from helpers import NM_SMALL as NM
+from helpers import assert_ulps as _assert_ulps
+from helpers import scalars as _scalars
+from helpers import tiny_gpt
 from step_kernels import ops
 from step_kernels import reference as ref
 
@@ -22,7 +27,6 @@ pytest.importorskip("triton")
 # torch's CPU sqrt may be one ulp off; through the division and the add that is up to ~3 ulps of
 # the update. Four ulps of max(|w|, |update|) is the reference's own rounding, not the kernel's.
 ULPS = 4
-NM = [(1, 2), (2, 4), (1, 4), (2, 8), (4, 8), (1, 8), (1, 16), (16, 32)]
 
 
 def interpreter_on():
@@ -37,22 +41,8 @@ def tdevice(device):
     return device
 
 
-def assert_ulps(actual, expected, name, ulps=ULPS, change=None):
-    """|actual - expected| <= ulps * ulp(max(|expected|, |change|)), NaNs matching NaNs.
-
-    ``change`` is the size of this step's update: its rounding error (torch's CPU sqrt is off by an
-    ulp at times) lands on the result, so for small weights the ulp of the update sets the scale.
-    """
-    actual, expected = actual.float(), expected.float()
-    nan = torch.isnan(expected)
-    assert torch.equal(torch.isnan(actual), nan), f"{name}: NaN positions differ"
-    a, e = actual[~nan], expected[~nan]
-    mag = e.abs() if change is None else torch.maximum(e.abs(), change.float()[~nan].abs())
-    mag = mag.clamp_min(1e-30)
-    ulp = torch.nextafter(mag, torch.tensor(float("inf"))) - mag
-    bad = (a - e).abs() > ulps * ulp
-    assert not bad.any(), (f"{name}: {int(bad.sum())} values beyond {ulps} ulp, e.g. "
-                           f"{a[bad][:3].tolist()} vs {e[bad][:3].tolist()}")
+assert_ulps = functools.partial(_assert_ulps, ulps=ULPS)
+scalars = functools.partial(_scalars, step=3, lr=1e-2, weight_decay=0.1, srste_decay=0.05)
 
 
 def make_case(shapes, *, frozen, grad_dtype, out_dtype, precond_dtype, device, seed, ties=True):
@@ -102,11 +92,6 @@ def check_against_reference(r, t, *, masked, frozen, n, m, dims, out_dtype, befo
         assert t["totals"][2].item() == r["totals"][2].item(), "flip counts differ"
     else:
         torch.testing.assert_close(t["totals"], r["totals"], rtol=1e-6, atol=0)
-
-
-def scalars(step=3, lr=1e-2, weight_decay=0.1):
-    return ref.step_scalars(lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=weight_decay, step=step,
-                            srste_decay=0.05)
 
 
 def contiguous_shapes(m):
@@ -381,12 +366,9 @@ def test_launches_do_not_grow_with_parameters(tdevice):
 
 def _teacher_forced_run(dtype, recipe, steps, device):
     """Two copies of a model, one per backend, fed the same grads (the reference model's) each step."""
-    from step_kernels.models import TinyGPT
-
     runs = []
     for backend in ("reference", "triton"):
-        torch.manual_seed(0)
-        model = TinyGPT(vocab=64, ctx=16, d_model=32, n_layer=1, n_head=2).to(device=device, dtype=dtype)
+        model = tiny_gpt(dtype, device)
         opt = sk.STEP(sk.sparse_param_groups(model), lr=3e-3, weight_decay=0.01, betas=(0.9, 0.95), recipe=recipe,
                       switch=sk.AutoSwitch(max_step=steps // 2, threshold=1e-6, rule="absolute"), backend=backend)
         runs.append((model, opt))
