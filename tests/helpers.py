@@ -10,6 +10,7 @@ import math
 import torch
 from torch import nn
 
+from step_kernels import ops
 from step_kernels import reference as ref
 from step_kernels.models import TinyGPT
 
@@ -101,3 +102,105 @@ def assert_ulps(actual, expected, name, ulps, change=None):
     bad = (a - e).abs() > ulps * ulp
     assert not bad.any(), (f"{name}: {int(bad.sum())} values beyond {ulps} ulp, e.g. "
                            f"{a[bad][:3].tolist()} vs {e[bad][:3].tolist()}")
+
+
+# ---------------------------------------------------------------------------------------------
+# one fused step on per-tensor rows [w, g, m, second, out], and the C++ backend's tolerance
+# ---------------------------------------------------------------------------------------------
+
+# the scalars of the row-based checks (tests/test_fused_step_cpu.py, tests/test_backend_conformance.py)
+ROW_SCALARS = dict(step=7, lr=0.05, weight_decay=0.1, srste_decay=0.3)
+# (masked, frozen_v, compute_stats): dense AdamW, phase 1 with AutoSwitch sums, SR-STE, phase 2
+FLAGS = {"dense": (False, False, False), "phase1": (False, False, True),
+         "srste": (True, False, False), "phase2": (True, True, False)}
+
+
+def make_tensors(shapes, *, frozen, g_dtype, out_dtype, p_dtype=torch.float32, seed=0):
+    """Per tensor [w, g, m, second, out]. Half of each w is quantized so groups hold ties."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = []
+    for shape in shapes:
+        w = torch.randn(shape, generator=gen)
+        flat = w.view(-1)
+        flat[: flat.numel() // 2] = torch.round(flat[: flat.numel() // 2] * 4) / 4
+        g = (torch.randn(shape, generator=gen) * 0.5).to(g_dtype)
+        m = torch.randn(shape, generator=gen) * 0.1
+        if frozen:
+            second = (torch.rand(shape, generator=gen) * 20 + 0.5).to(p_dtype)
+        else:
+            second = torch.rand(shape, generator=gen) * 0.01
+        out = torch.full(shape, 7.0, dtype=out_dtype) if out_dtype is not None else None
+        tensors.append([w, g, m, second, out])
+    return tensors
+
+
+def clone(tensors):
+    return [[t.clone() if t is not None else None for t in ts] for ts in tensors]
+
+
+def run(backend, tensors, *, flags, n=0, m=0, dims=None, s=None, grad_scale=None, found_inf=None):
+    masked, frozen, stats = FLAGS[flags] if isinstance(flags, str) else flags
+    cols = list(zip(*tensors))
+    totals, _ = ops.fused_step(
+        backend, *[list(c) for c in cols], masked=masked, frozen_v=frozen, n=n, m=m,
+        group_dims=dims if masked else None, scalars=s or scalars(**ROW_SCALARS), grad_scale=grad_scale,
+        found_inf=found_inf, compute_stats=stats,
+    )
+    return totals
+
+
+def compare(ours, theirs, tot_ours, tot_ref, *, flags, w_before, decay_factor, n=0, m=0, dims=None):
+    """The C++ backend's tolerance: bit equality except the live-v weight (tests/test_fused_step_cpu.py
+    explains why); the model parameter is exactly the rounded (masked) weight of the kernel, and its
+    mask exactly the reference's."""
+    masked, frozen, stats = FLAGS[flags] if isinstance(flags, str) else flags
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        if frozen:
+            assert_exact(a[0], b[0], f"w[{i}]")
+        else:
+            assert_live_w(a[0], b[0], w_before[i], decay_factor, f"w[{i}]")
+        assert_exact(a[2], b[2], f"m[{i}]")
+        assert_exact(a[3], b[3], f"second[{i}]")
+        if a[4] is not None:
+            if masked:
+                keep = ref.nm_mask(a[0], n, m, dims[i])
+                assert torch.equal(keep, ref.nm_mask(b[0], n, m, dims[i])), f"mask of tensor {i} differs"
+                expected = torch.where(keep, a[0], torch.zeros(()))
+            else:
+                expected = a[0]
+            assert_exact(a[4], expected.to(a[4].dtype), f"model_param[{i}]")
+            if frozen:
+                assert_exact(a[4], b[4], f"model_param[{i}]")
+    assert tot_ours.dtype == torch.float64 and tot_ours.shape == (3,)
+    assert tot_ours[2].item() == tot_ref[2].item(), "flips"
+    torch.testing.assert_close(tot_ours[:2], tot_ref[:2], rtol=1e-12, atol=0)
+
+
+
+
+def compare_ulps(ours, theirs, tot_ours, tot_ref, *, flags, w_before, ulps, n=0, m=0, dims=None):
+    """The Triton backend's tolerance (tests/test_fused_step_triton.py) on rows: w, m and a live v
+    within ``ulps`` of the reference (w: of the value or of the step's update), a frozen
+    preconditioner untouched, the same masks and flips, the model parameter exactly the RNE cast of
+    the kernel's own masked w, AutoSwitch sums within rtol 1e-6."""
+    masked, frozen, stats = FLAGS[flags] if isinstance(flags, str) else flags
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert_ulps(a[0], b[0], f"w[{i}]", ulps, change=b[0] - w_before[i])
+        assert_ulps(a[2], b[2], f"m[{i}]", ulps)
+        if frozen:
+            assert torch.equal(a[3], b[3]), f"p[{i}] must be read only"
+        else:
+            assert_ulps(a[3], b[3], f"v[{i}]", ulps)
+        if masked:
+            keep = ref.nm_mask(a[0], n, m, dims[i])
+            assert torch.equal(keep, ref.nm_mask(b[0], n, m, dims[i])), f"mask[{i}] differs"
+            expected = torch.where(keep, a[0], torch.zeros((), device=keep.device))
+        else:
+            expected = a[0]
+        if a[4] is not None:
+            # torch.equal, NaN for NaN (a kept NaN weight)
+            assert_exact(a[4], expected.to(a[4].dtype), f"model param [{i}] is not RNE of w")
+    if masked:
+        assert tot_ours[2].item() == tot_ref[2].item(), "flip counts differ"
+    else:
+        torch.testing.assert_close(tot_ours.cpu(), tot_ref.cpu(), rtol=1e-6, atol=0)

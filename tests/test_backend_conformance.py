@@ -7,12 +7,14 @@ thread counts, the C++ error messages), tests/test_fused_step_triton.py (the int
 counts, the kernel's signature and error messages).
 """
 
+import functools
 import os
 
 import pytest
 import torch
 
-from helpers import assert_ulps
+from helpers import FLAGS, ROW_SCALARS, assert_ulps, clone, compare, compare_ulps, make_tensors, run
+from helpers import scalars as _scalars
 from step_kernels import ops
 from step_kernels import reference as ref
 
@@ -29,10 +31,16 @@ def _triton_missing():
 
 TRITON_REASON = _triton_missing()
 
-# Each backend with the tolerance its results are held to against the reference and torch's
-# AdamW: "cpu" is exact but for torch's CPU sqrt (1 ulp; 4 ulps of the value or the update covers
-# it), "triton" within 4 ulps (tests/test_fused_step_triton.py explains the bound).
-BACKENDS = {"cpu": dict(ulps=4), "triton": dict(ulps=4)}
+# Each backend with the tolerances its results are held to. "ulps": against torch.optim.AdamW and
+# the RNE casts (4 ulps of the value or the update: torch's CPU sqrt is not always correctly
+# rounded). "compare": one step on rows [w, g, m, second, out] against the reference; "cpu" is
+# bit-exact but for the live-v weight (helpers.compare, tests/test_fused_step_cpu.py explains it),
+# "triton" within 4 ulps (helpers.compare_ulps, tests/test_fused_step_triton.py explains it).
+BACKENDS = {
+    "cpu": dict(ulps=4, compare=lambda *a, decay_factor, **k: compare(*a, decay_factor=decay_factor, **k)),
+    "triton": dict(ulps=4, compare=lambda *a, decay_factor, **k: compare_ulps(*a, ulps=4, **k)),
+}
+scalars = functools.partial(_scalars, **ROW_SCALARS)
 BACKEND_PARAMS = [
     pytest.param("cpu", marks=pytest.mark.skipif(CPU_REASON is not None, reason=f"backend 'cpu': {CPU_REASON}")),
     pytest.param("triton", marks=pytest.mark.skipif(TRITON_REASON is not None, reason=f"{TRITON_REASON}")),
@@ -57,6 +65,14 @@ def bdevice(backend, device):
     if backend == "triton" and device.type == "cpu" and not interpreter_on():
         pytest.skip("CPU tensors need TRITON_INTERPRET=1")
     return device
+
+
+@pytest.fixture
+def cpu_tensors_backend(backend):
+    """``backend`` for a check on CPU tensors ("triton" needs the interpreter for them)."""
+    if backend == "triton" and not interpreter_on():
+        pytest.skip("CPU tensors need TRITON_INTERPRET=1")
+    return backend
 
 
 def run_both(backend, tensors, scalars, **kwargs):
@@ -127,3 +143,58 @@ def test_round_to_nearest_even_model_params(backend, bdevice):
         nan = torch.isnan(expected)
         assert torch.equal(torch.isnan(out), nan)
         assert torch.equal(out[~nan], expected[~nan]), dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# one step on CPU tensors against the reference, within the backend's "compare" tolerance
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags", ["srste", "phase2"])
+def test_nan_inf_zero_and_ties_follow_the_rules(flags, cpu_tensors_backend):
+    backend = cpu_tensors_backend
+    frozen = FLAGS[flags][1]
+    theirs = make_tensors([(4, 16)], frozen=frozen, g_dtype=torch.float32, out_dtype=torch.bfloat16)
+    w = theirs[0][0]
+    w[0, :4] = torch.tensor([float("nan"), 1.0, float("inf"), -2.0])   # NaN counts as +inf
+    w[1, :4] = torch.tensor([-0.0, 0.0, -0.0, 0.0])                       # all tie: lower index wins
+    w[2, :4] = torch.tensor([3.0, -3.0, 3.0, 1.0])                        # ties on magnitude
+    w[3, :8] = torch.tensor([float("nan")] * 3 + [1.0] * 5)               # more NaNs than N
+    theirs[0][1][1, :4] = 0.0  # grads of the zero group stay zero, so its ties survive the step
+    theirs[0][2][1, :4] = 0.0
+    ours = clone(theirs)
+    keep_before = ref.nm_mask(w, 2, 4, 1)
+    w_before = [w.clone()]
+    tot_ref = run("reference", theirs, flags=flags, n=2, m=4, dims=[1], s=scalars(weight_decay=0.0))
+    tot_ours = run(backend, ours, flags=flags, n=2, m=4, dims=[1], s=scalars(weight_decay=0.0))
+    BACKENDS[backend]["compare"](ours, theirs, tot_ours, tot_ref, flags=flags, w_before=w_before,
+                                 decay_factor=1.0, n=2, m=4, dims=[1])
+    out, w_new = ours[0][4], ours[0][0]
+    keep = ref.nm_mask(w_new, 2, 4, 1)
+    assert keep.view(-1, 4).sum(1).eq(2).all(), "exactly N kept in every group"
+    assert keep_before[0, :4].tolist() == [True, False, True, False]
+    assert keep[1, :4].tolist() == [True, True, False, False]
+    assert keep[3, :4].tolist() == [True, True, False, False]
+    assert torch.isnan(out[0, 0]) and torch.isnan(out[3, :2]).all(), "a kept NaN stays visible"
+    pruned = out.float()[~keep]
+    assert pruned.eq(0).all() and not torch.signbit(pruned).any(), "pruned entries are +0.0"
+
+
+def test_grad_scale_divides_and_found_inf_skips(cpu_tensors_backend):
+    backend = cpu_tensors_backend
+    theirs = make_tensors([(6, 64)], frozen=True, g_dtype=torch.float16, out_dtype=torch.bfloat16)
+    ours = clone(theirs)
+    w_before = [theirs[0][0].clone()]
+    scale = torch.tensor(1024.0)
+    tot_ref = run("reference", theirs, flags="phase2", n=2, m=4, dims=[1], grad_scale=scale)
+    tot_ours = run(backend, ours, flags="phase2", n=2, m=4, dims=[1], grad_scale=scale)
+    BACKENDS[backend]["compare"](ours, theirs, tot_ours, tot_ref, flags="phase2", w_before=w_before,
+                                 decay_factor=None, n=2, m=4, dims=[1])
+    before = clone(ours)
+    for found in (torch.tensor(1.0), torch.tensor([float("inf")])):
+        tot = run(backend, ours, flags="phase2", n=2, m=4, dims=[1], grad_scale=scale, found_inf=found)
+        assert tot.tolist() == [0.0, 0.0, 0.0]
+        for a, b in zip(ours[0], before[0]):
+            assert torch.equal(a, b), "found_inf must leave every tensor untouched"
+    run(backend, ours, flags="phase2", n=2, m=4, dims=[1], grad_scale=scale, found_inf=torch.tensor(0.0))
+    assert not torch.equal(ours[0][0], before[0][0]), "found_inf == 0 steps"
