@@ -204,3 +204,24 @@ def compare_ulps(ours, theirs, tot_ours, tot_ref, *, flags, w_before, ulps, n=0,
         assert tot_ours[2].item() == tot_ref[2].item(), "flip counts differ"
     else:
         torch.testing.assert_close(tot_ours.cpu(), tot_ref.cpu(), rtol=1e-6, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the Triton file's inputs: ties on a coarse grid, a preconditioner 1 / (sqrt(v) + 1e-3)
+# ---------------------------------------------------------------------------------------------
+
+
+def make_case(shapes, *, frozen, grad_dtype, out_dtype, precond_dtype, device, seed, ties=True):
+    gen = torch.Generator().manual_seed(seed)
+    tensors = []
+    for shape in shapes:
+        w = torch.randn(shape, generator=gen)
+        if ties:  # a coarse grid makes equal magnitudes (and +-0) common, so the tie rule is exercised
+            w = torch.round(w * 4) / 4
+        g = torch.randn(shape, generator=gen).to(grad_dtype)
+        m1 = torch.randn(shape, generator=gen) * 0.1
+        v = torch.rand(shape, generator=gen) * 1e-2
+        second = (1 / (v.sqrt() + 1e-3)).to(precond_dtype) if frozen else v
+        out = torch.full(shape, -7.0, dtype=out_dtype) if out_dtype is not None else None  # unwritten shows
+        tensors.append([x.to(device) if x is not None else None for x in (w, g, m1, second, out)])
+    return tensors

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from helpers import FLAGS, ROW_SCALARS, assert_ulps, clone, compare, compare_ulps, make_tensors, run
+from helpers import FLAGS, ROW_SCALARS, assert_ulps, clone, compare, compare_ulps, make_case, make_tensors, run
 from helpers import scalars as _scalars
 from step_kernels import ops
 from step_kernels import reference as ref
@@ -198,3 +198,19 @@ def test_grad_scale_divides_and_found_inf_skips(cpu_tensors_backend):
             assert torch.equal(a, b), "found_inf must leave every tensor untouched"
     run(backend, ours, flags="phase2", n=2, m=4, dims=[1], grad_scale=scale, found_inf=torch.tensor(0.0))
     assert not torch.equal(ours[0][0], before[0][0]), "found_inf == 0 steps"
+
+
+# ---------------------------------------------------------------------------------------------
+# determinism
+# ---------------------------------------------------------------------------------------------
+
+
+def test_deterministic_partial_sums(backend, bdevice):
+    """Two runs of the same step give bit-identical AutoSwitch sums (the Triton file's scalars)."""
+    s = _scalars(step=3, lr=1e-2, weight_decay=0.1, srste_decay=0.05)
+    shapes = [(1, 3000), (7, 257), (1,)]
+    tensors = make_case(shapes, frozen=False, grad_dtype=torch.float32, out_dtype=None,
+                        precond_dtype=torch.float32, device=bdevice, seed=21, ties=False)
+    runs = [run_both(backend, tensors, s, masked=False, frozen_v=False, compute_stats=True)[1]["totals"]
+            for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
