@@ -225,3 +225,9 @@ def make_case(shapes, *, frozen, grad_dtype, out_dtype, precond_dtype, device, s
         out = torch.full(shape, -7.0, dtype=out_dtype) if out_dtype is not None else None  # unwritten shows
         tensors.append([x.to(device) if x is not None else None for x in (w, g, m1, second, out)])
     return tensors
+
+
+def rows(result):
+    """A dict of result lists (w, m, second, out: run_both's) as rows [w, g, m, second, out], g None."""
+    return [list(row) for row in zip(result["w"], [None] * len(result["w"]), result["m"], result["second"],
+                                     result["out"])]

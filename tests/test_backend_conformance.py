@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from helpers import FLAGS, ROW_SCALARS, assert_ulps, clone, compare, compare_ulps, make_case, make_tensors, run
+from helpers import FLAGS, ROW_SCALARS, assert_ulps, clone, compare, compare_ulps, make_case, make_tensors, rows, run
 from helpers import scalars as _scalars
 from step_kernels import ops
 from step_kernels import reference as ref
@@ -198,6 +198,30 @@ def test_grad_scale_divides_and_found_inf_skips(cpu_tensors_backend):
             assert torch.equal(a, b), "found_inf must leave every tensor untouched"
     run(backend, ours, flags="phase2", n=2, m=4, dims=[1], grad_scale=scale, found_inf=torch.tensor(0.0))
     assert not torch.equal(ours[0][0], before[0][0]), "found_inf == 0 steps"
+
+
+def test_grad_scale_and_found_inf_on_device(backend, bdevice):
+    """The Triton file's case (grads scaled by 1024 in bf16, a [1] found_inf) on every backend."""
+    s = _scalars(step=3, lr=1e-2, weight_decay=0.1, srste_decay=0.05)  # the Triton file's scalars
+    shapes = [(4, 16), (2, 8)]
+    tensors = make_case(shapes, frozen=True, grad_dtype=torch.bfloat16, out_dtype=torch.bfloat16,
+                        precond_dtype=torch.float32, device=bdevice, seed=9)
+    for t in tensors:
+        t[1] = (t[1].float() * 1024).to(torch.bfloat16)
+    scale = torch.tensor([1024.0], device=bdevice)
+    kwargs = dict(masked=True, frozen_v=True, n=1, m=4, group_dims=[1, 1], grad_scale=scale)
+    r, t = run_both(backend, tensors, s, found_inf=torch.zeros(1, device=bdevice), **kwargs)
+    BACKENDS[backend]["compare"](rows(t), rows(r), t["totals"], r["totals"], flags="phase2",
+                                 w_before=[row[0] for row in tensors], decay_factor=s.decay_factor, n=1, m=4,
+                                 dims=[1, 1])
+    before = [[x.clone() for x in row] for row in tensors]
+    w, g, m1, second, out = (list(col) for col in zip(*tensors))
+    totals, _ = ops.fused_step(backend, w, g, m1, second, out, scalars=s,
+                               found_inf=torch.ones(1, device=bdevice), **kwargs)
+    assert totals.abs().sum().item() == 0
+    for row, old in zip(tensors, before):
+        for x, y in zip(row, old):
+            assert torch.equal(x, y), "found_inf must make the step a no-op"
 
 
 # ---------------------------------------------------------------------------------------------
