@@ -81,7 +81,7 @@ CHECKS = [
     Check("50 optimizer steps through the switch equal the reference (fp32, bf16)",
           ["tests/test_fused_step_triton.py::test_optimizer_50_steps_through_the_switch_equals_reference"], 2),
     Check("Triton fused step: every configuration of the interpreter grid against the reference",
-          ["tests/test_fused_step_triton.py::"], 2),
+          ["tests/test_fused_step_triton.py::", "tests/test_backend_conformance.py::"], 2),
     Check("Triton nm_prune against the reference, bit for bit", ["tests/test_nm_prune_triton.py::"], 4),
     Check("optimizer and reference ops on CUDA tensors (against torch.optim.AdamW and Python peers)",
           ["tests/test_optimizer.py::", "tests/test_reference.py::"], 2),

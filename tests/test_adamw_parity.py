@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import step_kernels as sk
+from helpers import assert_live_w, tiny_gpt
 from helpers_state import assert_same
 from step_kernels import ops
-from test_fused_step_cpu import assert_live_w
-from test_optimizer import batch, tiny_gpt
+from test_optimizer import batch
 
 BACKENDS = ["reference"] + (["cpu"] if ops.backend_status("cpu", torch.device("cpu")) is None else [])
 PEERS = {"default": {}, "for-loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}

@@ -14,10 +14,11 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from helpers import tiny_gpt
 from step_kernels import _extension, ops, pack24, reference, unpack24
 from step_kernels.export import load_packed_state_dict, pack_model, packed_state_dict
 from step_kernels.targets import Target, find_targets
-from test_export import Conv1DNet, prune_targets, tiny_gpt
+from test_export import Conv1DNet, prune_targets
 
 pytestmark = pytest.mark.skipif(
     _extension.missing_reason() is not None, reason=str(_extension.missing_reason())
@@ -288,11 +289,11 @@ def test_pack_model_packs_every_target_after_checking():
 
 @pytest.fixture
 def source():
-    return prune_targets(tiny_gpt(torch.float16, 0))
+    return prune_targets(tiny_gpt(torch.float16, seed=0, config={}).eval())
 
 
 def fresh():
-    return tiny_gpt(torch.float16, 1)
+    return tiny_gpt(torch.float16, seed=1, config={}).eval()
 
 
 def broken(source, edit):
@@ -362,7 +363,7 @@ def test_load_packed_state_dict_bad_checkpoint(source, case):
 
 def test_load_into_another_architecture_changes_nothing(source):
     checkpoint = packed_state_dict(source)
-    model = tiny_gpt(torch.float16, 1, d_model=128)
+    model = tiny_gpt(torch.float16, seed=1, config=dict(d_model=128)).eval()
     snapshot = model_snapshot(model)
     with pytest.raises(ValueError,
                        match=r"^pos: the checkpoint's shape \(64, 64\) differs from the model's \(64, 128\)"):

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import step_kernels as sk
+from helpers import tiny_gpt
 from helpers_state import assert_same, snapshot
 from step_kernels import ops
-from test_optimizer import tiny_gpt, train_step
+from test_optimizer import train_step
 
 BACKENDS = ["reference"] + (["cpu"] if ops.backend_status("cpu", torch.device("cpu")) is None else [])
 SWITCH = 2

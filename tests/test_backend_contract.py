@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import helpers
 import step_kernels as sk
 from step_kernels import _extension, ops
 from step_kernels import reference as ref
@@ -24,7 +25,7 @@ CPU_BACKENDS = [
 
 
 def scalars():
-    return ref.step_scalars(lr=0.05, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, step=7, srste_decay=0.3)
+    return helpers.scalars(lr=0.05, weight_decay=0.1, step=7, srste_decay=0.3)
 
 
 def phase2_lists(seed=0):

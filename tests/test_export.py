@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import Conv1D, tiny_gpt
 from step_kernels import _extension, reference, unpack24
 from step_kernels.export import (
     FORMAT,
@@ -14,7 +15,6 @@ from step_kernels.export import (
     packed_state_dict,
     to_sparse_semi_structured,
 )
-from step_kernels.models import TinyGPT
 from step_kernels.targets import find_targets
 
 pytestmark = pytest.mark.skipif(
@@ -22,25 +22,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-class Conv1D(nn.Module):
-    """transformers' Conv1D (weight stored [in, out]), so the Conv1D path runs without transformers."""
-
-    def __init__(self, nf, nx):
-        super().__init__()
-        self.nf = nf
-        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
-        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
-
-    def forward(self, x):
-        out = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.weight)
-        return out.view(*x.shape[:-1], self.nf)
-
-
 class Conv1DNet(nn.Module):
     def __init__(self):
         super().__init__()
-        self.c_fc = Conv1D(128, 64)  # weight [64, 128]: groups along dim 0, packed as W.t() [128, 64]
-        self.c_proj = Conv1D(64, 128)
+        # weight [64, 128]: groups along dim 0, packed as W.t() [128, 64]
+        self.c_fc = Conv1D(128, 64, bias="random", addmm=True)
+        self.c_proj = Conv1D(64, 128, bias="random", addmm=True)
 
     def forward(self, x):
         return self.c_proj(torch.relu(self.c_fc(x)))
@@ -60,15 +47,10 @@ def saved_size(obj):
     return buf.tell(), buf
 
 
-def tiny_gpt(dtype, seed, **kw):
-    torch.manual_seed(seed)
-    return TinyGPT(**kw).to(dtype).eval()
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_tinygpt_packed_checkpoint_round_trip(dtype):
     config = dict(d_model=128, n_layer=4, n_head=4, ctx=32)
-    model = prune_targets(tiny_gpt(dtype, 0, **config))
+    model = prune_targets(tiny_gpt(dtype, seed=0, config=config).eval())
     idx = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = model(idx)
@@ -85,7 +67,7 @@ def test_tinygpt_packed_checkpoint_round_trip(dtype):
     assert packed_size <= 0.60 * dense_size, (packed_size, dense_size)
 
     buf.seek(0)
-    fresh = tiny_gpt(dtype, 1, **config)
+    fresh = tiny_gpt(dtype, seed=1, config=config).eval()
     load_packed_state_dict(fresh, torch.load(buf, weights_only=True))
     with torch.no_grad():
         assert torch.equal(fresh(idx), logits)
@@ -116,7 +98,7 @@ def test_conv1d_targets_pack_transposed():
 
 
 def test_pack_model_swaps_targets_only():
-    model = prune_targets(tiny_gpt(torch.bfloat16, 0))
+    model = prune_targets(tiny_gpt(torch.bfloat16, seed=0, config={}).eval())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     targets = find_targets(model)
     pack_model(model, targets)
@@ -133,8 +115,9 @@ def test_pack_model_swaps_targets_only():
 
 
 def test_checkpoint_loads_straight_to_packed():
-    model = prune_targets(tiny_gpt(torch.float16, 0))
-    fresh = load_packed_state_dict(tiny_gpt(torch.float16, 1), packed_state_dict(model), packed=True)
+    model = prune_targets(tiny_gpt(torch.float16, seed=0, config={}).eval())
+    fresh = load_packed_state_dict(tiny_gpt(torch.float16, seed=1, config={}).eval(), packed_state_dict(model),
+                                   packed=True)
     for t in find_targets(model):
         weight = fresh.get_submodule(t.module_name).weight
         assert isinstance(weight, torch.sparse.SparseSemiStructuredTensorCUTLASS)
@@ -144,21 +127,21 @@ def test_checkpoint_loads_straight_to_packed():
 @pytest.mark.parametrize("sparsity", ["1:4", "2:8", "1:8"])
 def test_sparser_nm_masks_export_as_24(sparsity):
     n, m = reference.parse_sparsity(sparsity)
-    model = prune_targets(tiny_gpt(torch.bfloat16, 0), n, m)
-    fresh = load_packed_state_dict(tiny_gpt(torch.bfloat16, 1), packed_state_dict(model))
+    model = prune_targets(tiny_gpt(torch.bfloat16, seed=0, config={}).eval(), n, m)
+    fresh = load_packed_state_dict(tiny_gpt(torch.bfloat16, seed=1, config={}).eval(), packed_state_dict(model))
     for t in find_targets(model):
         assert torch.equal(fresh.get_submodule(t.module_name).weight, t.param)
 
 
 def test_denser_mask_is_an_error_naming_the_target():
-    model = prune_targets(tiny_gpt(torch.bfloat16, 0), 4, 8)
+    model = prune_targets(tiny_gpt(torch.bfloat16, seed=0, config={}).eval(), 4, 8)
     with pytest.raises(ValueError, match=r"blocks\.0\.qkv\.weight: pack24: dense\[\d+, \d+:\d+\] has more than 2"):
         packed_state_dict(model)
     packed_state_dict(model, prune=True)  # pruning to 2:4 on export is explicit
 
 
 def test_fp32_model_is_an_error_naming_the_target():
-    model = prune_targets(tiny_gpt(torch.float32, 0))
+    model = prune_targets(tiny_gpt(torch.float32, seed=0, config={}).eval())
     with pytest.raises(TypeError, match=r"blocks\.0\.qkv\.weight: .*float32.*model\.half\(\)"):
         pack_model(model)
     assert isinstance(model.blocks[0].qkv.weight, nn.Parameter)
@@ -166,7 +149,7 @@ def test_fp32_model_is_an_error_naming_the_target():
 
 
 def test_bad_checkpoint():
-    model = tiny_gpt(torch.float16, 0)
+    model = tiny_gpt(torch.float16, seed=0, config={}).eval()
     with pytest.raises(ValueError, match="not a 'step_kernels.packed24' checkpoint"):
         load_packed_state_dict(model, model.state_dict())
     checkpoint = packed_state_dict(prune_targets(model))

@@ -10,15 +10,17 @@ order (rtol 1e-12) and do not depend on the thread count: each chunk of 2048 ele
 the partials are added in chunk order.
 """
 
-import math
+import functools
 
 import pytest
 import torch
 from torch import nn
 
 import step_kernels as sk
+from helpers import FLAGS, ROW_SCALARS, Conv1D, clone, compare, make_tensors, run
+from helpers import NM_WIDE as NM
+from helpers import scalars as _scalars
 from step_kernels import ops
-from step_kernels import reference as ref
 
 pytestmark = pytest.mark.skipif(
     ops.backend_status("cpu", torch.device("cpu")) is not None,
@@ -26,91 +28,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# (masked, frozen_v, compute_stats): dense AdamW, phase 1 with AutoSwitch sums, SR-STE, phase 2
-FLAGS = {"dense": (False, False, False), "phase1": (False, False, True),
-         "srste": (True, False, False), "phase2": (True, True, False)}
-NM = [(1, 2), (1, 4), (2, 4), (3, 4), (1, 8), (2, 8), (4, 8), (7, 8), (1, 16), (5, 16), (1, 32), (2, 32),
-      (16, 32), (31, 32)]
-
-
-def scalars(step=7, lr=0.05, weight_decay=0.1, srste_decay=0.3):
-    return ref.step_scalars(lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=weight_decay, step=step,
-                            srste_decay=srste_decay)
-
-
-def make_tensors(shapes, *, frozen, g_dtype, out_dtype, p_dtype=torch.float32, seed=0):
-    """Per tensor [w, g, m, second, out]. Half of each w is quantized so groups hold ties."""
-    gen = torch.Generator().manual_seed(seed)
-    tensors = []
-    for shape in shapes:
-        w = torch.randn(shape, generator=gen)
-        flat = w.view(-1)
-        flat[: flat.numel() // 2] = torch.round(flat[: flat.numel() // 2] * 4) / 4
-        g = (torch.randn(shape, generator=gen) * 0.5).to(g_dtype)
-        m = torch.randn(shape, generator=gen) * 0.1
-        if frozen:
-            second = (torch.rand(shape, generator=gen) * 20 + 0.5).to(p_dtype)
-        else:
-            second = torch.rand(shape, generator=gen) * 0.01
-        out = torch.full(shape, 7.0, dtype=out_dtype) if out_dtype is not None else None
-        tensors.append([w, g, m, second, out])
-    return tensors
-
-
-def clone(tensors):
-    return [[t.clone() if t is not None else None for t in ts] for ts in tensors]
-
-
-def run(backend, tensors, *, flags, n=0, m=0, dims=None, s=None, grad_scale=None, found_inf=None):
-    masked, frozen, stats = FLAGS[flags] if isinstance(flags, str) else flags
-    cols = list(zip(*tensors))
-    totals, _ = ops.fused_step(
-        backend, *[list(c) for c in cols], masked=masked, frozen_v=frozen, n=n, m=m,
-        group_dims=dims if masked else None, scalars=s or scalars(), grad_scale=grad_scale,
-        found_inf=found_inf, compute_stats=stats,
-    )
-    return totals
-
-
-def assert_same(actual, expected, what):
-    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
-
-
-def assert_live_w(actual, expected, w_before, decay_factor, what):
-    """|actual - expected| <= 1 ulp(expected) + 2^-22 |update| (the reference's sqrt rounding)."""
-    update = (expected - w_before * torch.tensor(decay_factor, dtype=torch.float32)).abs()
-    spacing = (torch.nextafter(expected.abs(), torch.tensor(math.inf)) - expected.abs())
-    allowed = spacing + update * 2.0**-22
-    finite = ~torch.isnan(expected)
-    assert torch.equal(torch.isnan(actual), torch.isnan(expected)), f"{what}: NaN positions differ"
-    excess = (actual - expected).abs()[finite] > allowed[finite]
-    assert not excess.any(), f"{what}: {int(excess.sum())} elements beyond the reference's rounding"
-
-
-def compare(ours, theirs, tot_ours, tot_ref, *, flags, w_before, decay_factor, n=0, m=0, dims=None):
-    """Bit equality except the live-v weight (see the module docstring); the model parameter is
-    exactly the rounded (masked) weight of the kernel, and its mask exactly the reference's."""
-    masked, frozen, stats = FLAGS[flags] if isinstance(flags, str) else flags
-    for i, (a, b) in enumerate(zip(ours, theirs)):
-        if frozen:
-            assert_same(a[0], b[0], f"w[{i}]")
-        else:
-            assert_live_w(a[0], b[0], w_before[i], decay_factor, f"w[{i}]")
-        assert_same(a[2], b[2], f"m[{i}]")
-        assert_same(a[3], b[3], f"second[{i}]")
-        if a[4] is not None:
-            if masked:
-                keep = ref.nm_mask(a[0], n, m, dims[i])
-                assert torch.equal(keep, ref.nm_mask(b[0], n, m, dims[i])), f"mask of tensor {i} differs"
-                expected = torch.where(keep, a[0], torch.zeros(()))
-            else:
-                expected = a[0]
-            assert_same(a[4], expected.to(a[4].dtype), f"model_param[{i}]")
-            if frozen:
-                assert_same(a[4], b[4], f"model_param[{i}]")
-    assert tot_ours.dtype == torch.float64 and tot_ours.shape == (3,)
-    assert tot_ours[2].item() == tot_ref[2].item(), "flips"
-    torch.testing.assert_close(tot_ours[:2], tot_ref[:2], rtol=1e-12, atol=0)
+scalars = functools.partial(_scalars, **ROW_SCALARS)
 
 
 def check_against_reference(shapes, *, flags, n=0, m=0, dims=None, g_dtype=torch.float32, out_dtype=None,
@@ -178,51 +96,6 @@ def test_contiguous_n4_matches_reference(groups, n, flags):
     # the rest of a tile group by group (1 and 15 groups: a partial block; 4097: both)
     check_against_reference([(1, 4 * groups), (3, 4 * groups)], flags=flags, n=n, m=4, dims=[1, 1],
                             out_dtype=torch.float32)
-
-
-@pytest.mark.parametrize("flags", ["srste", "phase2"])
-def test_nan_inf_zero_and_ties_follow_the_rules(flags):
-    frozen = FLAGS[flags][1]
-    theirs = make_tensors([(4, 16)], frozen=frozen, g_dtype=torch.float32, out_dtype=torch.bfloat16)
-    w = theirs[0][0]
-    w[0, :4] = torch.tensor([float("nan"), 1.0, float("inf"), -2.0])   # NaN counts as +inf
-    w[1, :4] = torch.tensor([-0.0, 0.0, -0.0, 0.0])                       # all tie: lower index wins
-    w[2, :4] = torch.tensor([3.0, -3.0, 3.0, 1.0])                        # ties on magnitude
-    w[3, :8] = torch.tensor([float("nan")] * 3 + [1.0] * 5)               # more NaNs than N
-    theirs[0][1][1, :4] = 0.0  # grads of the zero group stay zero, so its ties survive the step
-    theirs[0][2][1, :4] = 0.0
-    ours = clone(theirs)
-    keep_before = ref.nm_mask(w, 2, 4, 1)
-    w_before = [w.clone()]
-    tot_ref = run("reference", theirs, flags=flags, n=2, m=4, dims=[1], s=scalars(weight_decay=0.0))
-    tot_ours = run("cpu", ours, flags=flags, n=2, m=4, dims=[1], s=scalars(weight_decay=0.0))
-    compare(ours, theirs, tot_ours, tot_ref, flags=flags, w_before=w_before, decay_factor=1.0, n=2, m=4, dims=[1])
-    out, w_new = ours[0][4], ours[0][0]
-    keep = ref.nm_mask(w_new, 2, 4, 1)
-    assert keep.view(-1, 4).sum(1).eq(2).all(), "exactly N kept in every group"
-    assert keep_before[0, :4].tolist() == [True, False, True, False]
-    assert keep[1, :4].tolist() == [True, True, False, False]
-    assert keep[3, :4].tolist() == [True, True, False, False]
-    assert torch.isnan(out[0, 0]) and torch.isnan(out[3, :2]).all(), "a kept NaN stays visible"
-    pruned = out.float()[~keep]
-    assert pruned.eq(0).all() and not torch.signbit(pruned).any(), "pruned entries are +0.0"
-
-
-def test_grad_scale_divides_and_found_inf_skips():
-    theirs = make_tensors([(6, 64)], frozen=True, g_dtype=torch.float16, out_dtype=torch.bfloat16)
-    ours = clone(theirs)
-    scale = torch.tensor(1024.0)
-    tot_ref = run("reference", theirs, flags="phase2", n=2, m=4, dims=[1], grad_scale=scale)
-    tot_ours = run("cpu", ours, flags="phase2", n=2, m=4, dims=[1], grad_scale=scale)
-    compare(ours, theirs, tot_ours, tot_ref, flags="phase2", w_before=None, decay_factor=None, n=2, m=4, dims=[1])
-    before = clone(ours)
-    for found in (torch.tensor(1.0), torch.tensor([float("inf")])):
-        tot = run("cpu", ours, flags="phase2", n=2, m=4, dims=[1], grad_scale=scale, found_inf=found)
-        assert tot.tolist() == [0.0, 0.0, 0.0]
-        for a, b in zip(ours[0], before[0]):
-            assert torch.equal(a, b), "found_inf must leave every tensor untouched"
-    run("cpu", ours, flags="phase2", n=2, m=4, dims=[1], grad_scale=scale, found_inf=torch.tensor(0.0))
-    assert not torch.equal(ours[0][0], before[0][0]), "found_inf == 0 steps"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,18 +229,6 @@ def test_empty_lists_and_empty_tensors():
 # ---------------------------------------------------------------------------------------------
 
 
-class Conv1D(nn.Module):
-    """transformers' Conv1D layout: weight [in, out]."""
-
-    def __init__(self, nf, nx):
-        super().__init__()
-        self.nf = nf
-        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
-
-    def forward(self, x):
-        return x @ self.weight
-
-
 def test_auto_picks_cpu_backend():
     assert sk.resolve_backend("auto", torch.device("cpu")) == "cpu"
     assert sk.STEP(nn.Linear(8, 4).parameters(), recipe="dense").backend == "cpu"
@@ -375,7 +236,7 @@ def test_auto_picks_cpu_backend():
 
 def mlp(dtype):
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(48, 128), nn.LayerNorm(128), Conv1D(64, 128), nn.Linear(64, 16)).to(dtype)
+    return nn.Sequential(nn.Linear(48, 128), nn.LayerNorm(128), Conv1D(64, 128, bias=None), nn.Linear(64, 16)).to(dtype)
 
 
 @pytest.mark.parametrize("recipe,dtype,precond_dtype", [

@@ -7,6 +7,7 @@ allowed ``ULPS`` units in the last place of the value or of the step's update; m
 RNE cast of the kernel's own masked master exactly.
 """
 
+import functools
 import os
 
 import pytest
@@ -14,6 +15,10 @@ import torch
 from torch import nn
 
 import step_kernels as sk
+from helpers import NM_SMALL as NM
+from helpers import assert_ulps as _assert_ulps
+from helpers import compare_ulps, make_case, rows, tiny_gpt
+from helpers import scalars as _scalars
 from step_kernels import ops
 from step_kernels import reference as ref
 
@@ -22,7 +27,6 @@ pytest.importorskip("triton")
 # torch's CPU sqrt may be one ulp off; through the division and the add that is up to ~3 ulps of
 # the update. Four ulps of max(|w|, |update|) is the reference's own rounding, not the kernel's.
 ULPS = 4
-NM = [(1, 2), (2, 4), (1, 4), (2, 8), (4, 8), (1, 8), (1, 16), (16, 32)]
 
 
 def interpreter_on():
@@ -37,38 +41,8 @@ def tdevice(device):
     return device
 
 
-def assert_ulps(actual, expected, name, ulps=ULPS, change=None):
-    """|actual - expected| <= ulps * ulp(max(|expected|, |change|)), NaNs matching NaNs.
-
-    ``change`` is the size of this step's update: its rounding error (torch's CPU sqrt is off by an
-    ulp at times) lands on the result, so for small weights the ulp of the update sets the scale.
-    """
-    actual, expected = actual.float(), expected.float()
-    nan = torch.isnan(expected)
-    assert torch.equal(torch.isnan(actual), nan), f"{name}: NaN positions differ"
-    a, e = actual[~nan], expected[~nan]
-    mag = e.abs() if change is None else torch.maximum(e.abs(), change.float()[~nan].abs())
-    mag = mag.clamp_min(1e-30)
-    ulp = torch.nextafter(mag, torch.tensor(float("inf"))) - mag
-    bad = (a - e).abs() > ulps * ulp
-    assert not bad.any(), (f"{name}: {int(bad.sum())} values beyond {ulps} ulp, e.g. "
-                           f"{a[bad][:3].tolist()} vs {e[bad][:3].tolist()}")
-
-
-def make_case(shapes, *, frozen, grad_dtype, out_dtype, precond_dtype, device, seed, ties=True):
-    gen = torch.Generator().manual_seed(seed)
-    tensors = []
-    for shape in shapes:
-        w = torch.randn(shape, generator=gen)
-        if ties:  # a coarse grid makes equal magnitudes (and +-0) common, so the tie rule is exercised
-            w = torch.round(w * 4) / 4
-        g = torch.randn(shape, generator=gen).to(grad_dtype)
-        m1 = torch.randn(shape, generator=gen) * 0.1
-        v = torch.rand(shape, generator=gen) * 1e-2
-        second = (1 / (v.sqrt() + 1e-3)).to(precond_dtype) if frozen else v
-        out = torch.full(shape, -7.0, dtype=out_dtype) if out_dtype is not None else None  # unwritten shows
-        tensors.append([x.to(device) if x is not None else None for x in (w, g, m1, second, out)])
-    return tensors
+assert_ulps = functools.partial(_assert_ulps, ulps=ULPS)
+scalars = functools.partial(_scalars, step=3, lr=1e-2, weight_decay=0.1, srste_decay=0.05)
 
 
 def run_both(tensors, scalars, **kwargs):
@@ -83,30 +57,11 @@ def run_both(tensors, scalars, **kwargs):
 
 
 def check_against_reference(r, t, *, masked, frozen, n, m, dims, out_dtype, before):
-    for i in range(len(r["w"])):
-        assert_ulps(t["w"][i], r["w"][i], f"w[{i}]", change=r["w"][i] - before[i][0])
-        assert_ulps(t["m"][i], r["m"][i], f"m[{i}]")
-        if frozen:
-            assert torch.equal(t["second"][i], r["second"][i]), f"p[{i}] must be read only"
-        else:
-            assert_ulps(t["second"][i], r["second"][i], f"v[{i}]")
-        if masked:
-            keep_t = ref.nm_mask(t["w"][i], n, m, dims[i])
-            assert torch.equal(keep_t, ref.nm_mask(r["w"][i], n, m, dims[i])), f"mask[{i}] differs"
-            expected_out = torch.where(keep_t, t["w"][i], torch.zeros((), device=keep_t.device))
-        else:
-            expected_out = t["w"][i]
-        if out_dtype is not None:
-            assert torch.equal(t["out"][i], expected_out.to(out_dtype)), f"model param [{i}] is not RNE of w"
-    if masked:
-        assert t["totals"][2].item() == r["totals"][2].item(), "flip counts differ"
-    else:
-        torch.testing.assert_close(t["totals"], r["totals"], rtol=1e-6, atol=0)
-
-
-def scalars(step=3, lr=1e-2, weight_decay=0.1):
-    return ref.step_scalars(lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=weight_decay, step=step,
-                            srste_decay=0.05)
+    """helpers.compare_ulps: ULPS of the reference, the same masks and flips, model params the RNE
+    cast of the kernel's own masked w."""
+    assert all((x is None) == (out_dtype is None) for x in t["out"])
+    compare_ulps(rows(t), rows(r), t["totals"], r["totals"], flags=(masked, frozen, False),
+                 w_before=[row[0] for row in before], ulps=ULPS, n=n, m=m, dims=dims)
 
 
 def contiguous_shapes(m):
@@ -206,94 +161,6 @@ def test_scalars_are_runtime_arguments():
         assert params[name].annotation is inspect.Parameter.empty, name
 
 
-def test_adamw_matches_torch_adamw(tdevice):
-    """An independent peer: torch.optim.AdamW over three steps with changing lr."""
-    gen = torch.Generator().manual_seed(5)
-    params = [torch.randn(s, generator=gen).to(tdevice) for s in [(33,), (8, 40)]]
-    peer = [p.clone().requires_grad_() for p in params]
-    opt = torch.optim.AdamW(peer, lr=1e-2, weight_decay=0.1, foreach=False)
-    exp_avgs = [torch.zeros_like(p) for p in params]
-    exp_avg_sqs = [torch.zeros_like(p) for p in params]
-    for step, lr in enumerate([1e-2, 5e-3, 2e-2], start=1):
-        grads = [torch.randn(p.shape, generator=gen).to(tdevice) for p in params]
-        for q, g in zip(peer, grads):
-            q.grad = g.clone()
-        opt.param_groups[0]["lr"] = lr
-        opt.step()
-        s = ref.step_scalars(lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, step=step)
-        ops.fused_step("triton", params, grads, exp_avgs, exp_avg_sqs, [None, None], masked=False, frozen_v=False,
-                       scalars=s)
-    for p, q in zip(params, peer):
-        assert_ulps(p, q.detach(), "w vs torch.optim.AdamW", ulps=4)
-    for mine, q in zip(exp_avg_sqs, peer):
-        assert_ulps(mine, opt.state[q]["exp_avg_sq"], "v vs torch.optim.AdamW", ulps=4)
-
-
-def test_nan_and_signed_zero_rules(tdevice):
-    """NaN weights count as +inf and stay kept; pruned entries are written +0.0; -0.0 kept stays -0.0."""
-    w = torch.tensor([[float("nan"), 1.0, 2.0, 0.5, -0.0, 0.0, 0.0, 0.0]], device=tdevice)
-    g = torch.zeros_like(w)
-    tensors = [[w, g, torch.zeros_like(w), torch.ones_like(w), torch.empty_like(w, dtype=torch.bfloat16)]]
-    s = ref.step_scalars(lr=0.0, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1, srste_decay=0.0)
-    r, t = run_both(tensors, s, masked=True, frozen_v=True, n=2, m=4, group_dims=[1])
-    out = t["out"][0].float().cpu()
-    assert torch.isnan(out[0, 0]) and out[0, 2] == 2.0 and out[0, 1] == 0 and out[0, 3] == 0
-    assert not torch.signbit(out[0, 1]) and not torch.signbit(out[0, 3])
-    assert torch.signbit(out[0, 4]) and out[0, 4] == 0  # kept by the tie rule: -0.0 is the lowest index of 4 ties
-    assert torch.equal(torch.signbit(out[0, 5:]), torch.zeros(3, dtype=torch.bool))
-    assert t["totals"][2].item() == r["totals"][2].item() == 0
-
-
-def test_round_to_nearest_even_model_params(tdevice):
-    """Halfway cases, overflow, subnormals and NaN of the fp32 -> bf16/fp16 store, against torch's casts."""
-    bits = torch.tensor([0x3F808000, 0x3F818000, 0x3F800001, 0x7F7FFFFF, 0x477FF000, 0x477FEFFF, 0x33000000,
-                         0x33000001, 0x387FC000, 0x00000001, 0x80000000, 0xFF800000, 0x7FC00001, 0xC7800000],
-                        dtype=torch.int64).to(torch.int32)
-    x = bits.view(torch.float32)
-    base = torch.randn(64 - x.numel())
-    values = torch.cat([x, base]).reshape(1, 64).to(tdevice)
-    for dtype in (torch.bfloat16, torch.float16):
-        w = values.clone()
-        out = torch.empty_like(w, dtype=dtype)
-        s = ref.step_scalars(lr=0.0, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1)
-        ops.fused_step("triton", [w], [torch.zeros_like(w)], [torch.zeros_like(w)], [torch.zeros_like(w)], [out],
-                       masked=False, frozen_v=False, scalars=s)
-        expected = values.to(dtype)
-        nan = torch.isnan(expected)
-        assert torch.equal(torch.isnan(out), nan)
-        assert torch.equal(out[~nan], expected[~nan]), dtype
-
-
-def test_grad_scale_and_found_inf(tdevice):
-    shapes = [(4, 16), (2, 8)]
-    tensors = make_case(shapes, frozen=True, grad_dtype=torch.bfloat16, out_dtype=torch.bfloat16,
-                        precond_dtype=torch.float32, device=tdevice, seed=9)
-    for t in tensors:
-        t[1] = (t[1].float() * 1024).to(torch.bfloat16)
-    scale = torch.tensor([1024.0], device=tdevice)
-    kwargs = dict(masked=True, frozen_v=True, n=1, m=4, group_dims=[1, 1], grad_scale=scale)
-    r, t = run_both(tensors, scalars(), found_inf=torch.zeros(1, device=tdevice), **kwargs)
-    check_against_reference(r, t, before=tensors, masked=True, frozen=True, n=1, m=4, dims=[1, 1],
-                            out_dtype=torch.bfloat16)
-    before = [[x.clone() for x in row] for row in tensors]
-    w, g, m1, second, out = (list(col) for col in zip(*tensors))
-    totals, _ = ops.fused_step("triton", w, g, m1, second, out, scalars=scalars(),
-                               found_inf=torch.ones(1, device=tdevice), **kwargs)
-    assert totals.abs().sum().item() == 0
-    for row, old in zip(tensors, before):
-        for x, y in zip(row, old):
-            assert torch.equal(x, y), "found_inf must make the step a no-op"
-
-
-def test_deterministic_partial_sums(tdevice):
-    shapes = [(1, 3000), (7, 257), (1,)]
-    tensors = make_case(shapes, frozen=False, grad_dtype=torch.float32, out_dtype=None,
-                        precond_dtype=torch.float32, device=tdevice, seed=21, ties=False)
-    runs = [run_both(tensors, scalars(), masked=False, frozen_v=False, compute_stats=True)[1]["totals"]
-            for _ in range(2)]
-    assert torch.equal(runs[0], runs[1])
-
-
 # ---------------------------------------------------------------------------------------------
 # bad input: clear errors naming the tensor, nothing written
 # ---------------------------------------------------------------------------------------------
@@ -381,12 +248,9 @@ def test_launches_do_not_grow_with_parameters(tdevice):
 
 def _teacher_forced_run(dtype, recipe, steps, device):
     """Two copies of a model, one per backend, fed the same grads (the reference model's) each step."""
-    from step_kernels.models import TinyGPT
-
     runs = []
     for backend in ("reference", "triton"):
-        torch.manual_seed(0)
-        model = TinyGPT(vocab=64, ctx=16, d_model=32, n_layer=1, n_head=2).to(device=device, dtype=dtype)
+        model = tiny_gpt(dtype, device)
         opt = sk.STEP(sk.sparse_param_groups(model), lr=3e-3, weight_decay=0.01, betas=(0.9, 0.95), recipe=recipe,
                       switch=sk.AutoSwitch(max_step=steps // 2, threshold=1e-6, rule="absolute"), backend=backend)
         runs.append((model, opt))

@@ -5,13 +5,13 @@ import os
 import pytest
 import torch
 
+from helpers import NM_SMALL as NM
 from nm_cases import same_bits, shapes_for, with_specials
 from step_kernels import ops
 from step_kernels import reference as ref
 
 pytest.importorskip("triton")
 
-NM = [(1, 2), (2, 4), (1, 4), (2, 8), (4, 8), (1, 8), (1, 16), (16, 32)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 

@@ -9,15 +9,10 @@ import torch
 from torch import nn
 
 import step_kernels as sk
+from helpers import Conv1D, tiny_gpt
 from step_kernels import reference as ref
-from step_kernels.models import TinyGPT
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def tiny_gpt(dtype=torch.float32, device="cpu", seed=0):
-    torch.manual_seed(seed)
-    return TinyGPT(vocab=64, ctx=16, d_model=32, n_layer=1, n_head=2).to(device=device, dtype=dtype)
 
 
 def batch(step, device, vocab=64, ctx=16, size=4):
@@ -38,19 +33,6 @@ def train_step(model, opt, step, device):
     x, y = batch(step, device)
     model.loss(x, y).backward()
     opt.step()
-
-
-class Conv1D(nn.Module):
-    """transformers' Conv1D layout: weight [in, out], y = x @ W + b."""
-
-    def __init__(self, nf, nx):
-        super().__init__()
-        self.nf = nf
-        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
-        self.bias = nn.Parameter(torch.zeros(nf))
-
-    def forward(self, x):
-        return x @ self.weight + self.bias
 
 
 # ---------------------------------------------------------------------------------------------

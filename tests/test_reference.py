@@ -6,9 +6,8 @@ import math
 import pytest
 import torch
 
+from helpers import NM_REFERENCE as NM_LIST
 from step_kernels import reference as ref
-
-NM_LIST = [(1, 2), (2, 4), (1, 4), (2, 8), (4, 8), (1, 8), (1, 16), (16, 32), (31, 32)]
 
 
 def python_topn(values, n):

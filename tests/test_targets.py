@@ -1,21 +1,11 @@
 """Target selection and sparse_param_groups (docs/design.md section 3)."""
 
 import pytest
-import torch
 from torch import nn
 
+from helpers import Conv1D
 from step_kernels.models import TinyGPT
 from step_kernels.targets import find_targets, sparse_param_groups
-
-
-class Conv1D(nn.Module):
-    """transformers' Conv1D layout: weight [in, out] (matched by class name and ``nf``)."""
-
-    def __init__(self, nf, nx):
-        super().__init__()
-        self.nf = nf
-        self.weight = nn.Parameter(torch.randn(nx, nf))
-        self.bias = nn.Parameter(torch.zeros(nf))
 
 
 class Mixed(nn.Module):
@@ -23,7 +13,7 @@ class Mixed(nn.Module):
         super().__init__()
         self.emb = nn.Embedding(10, 8)
         self.proj = nn.Linear(8, 16)
-        self.c_attn = Conv1D(24, 8)
+        self.c_attn = Conv1D(24, 8, scale=1.0)
         self.norm = nn.LayerNorm(16)
         self.classifier = nn.Linear(16, 3)
         self.score = nn.Linear(16, 2)

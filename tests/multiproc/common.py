@@ -6,6 +6,7 @@ computes the same micro-batches one by one and averages their grads, which is wh
 FSDP2's gradient reductions do for 2 ranks, so the two runs see bit-identical grads.
 """
 
+import functools
 import os
 import sys
 
@@ -14,6 +15,10 @@ from torch import nn
 
 import step_kernels as sk
 
+# tests/ holds helpers.py; the workers run as scripts, outside pytest's sys.path
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import helpers  # noqa: E402
+
 GLOBAL_BATCH = 8
 STEPS = 30
 SWITCH = 10
@@ -21,17 +26,8 @@ SWITCH = 10
 BETAS = (0.9, 0.9)
 
 
-class Conv1D(nn.Module):
-    """transformers' Conv1D layout: weight [in, out], y = x @ W + b (groups run along dim 0)."""
-
-    def __init__(self, nf, nx):
-        super().__init__()
-        self.nf = nf
-        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.2)
-        self.bias = nn.Parameter(torch.zeros(nf))
-
-    def forward(self, x):
-        return x @ self.weight + self.bias
+# the multi-process runs' Conv1D: weights drawn at scale 0.2 (their numbers depend on it)
+Conv1D = functools.partial(helpers.Conv1D, scale=0.2)
 
 
 class Net(nn.Module):

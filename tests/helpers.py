@@ -1,0 +1,233 @@
+"""What several test files share: a Conv1D stand-in, the small TinyGPT, the N:M lists, the step
+scalars and the tolerance checks of the fused-step backends against the reference.
+
+Tests import it as ``from helpers import ...`` (pytest puts tests/ on sys.path, as for nm_cases and
+helpers_state); tests/multiproc/common.py adds tests/ to sys.path itself.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from step_kernels import ops
+from step_kernels import reference as ref
+from step_kernels.models import TinyGPT
+
+# N:M patterns. NM_SMALL: the Triton kernels' list (and test_nm_prune_triton's); NM_REFERENCE adds
+# 31:32; NM_WIDE: every M up to 32 with several N each (the C++ backend's list).
+NM_SMALL = [(1, 2), (2, 4), (1, 4), (2, 8), (4, 8), (1, 8), (1, 16), (16, 32)]
+NM_REFERENCE = NM_SMALL + [(31, 32)]
+NM_WIDE = [(1, 2), (1, 4), (2, 4), (3, 4), (1, 8), (2, 8), (4, 8), (7, 8), (1, 16), (5, 16), (1, 32), (2, 32),
+           (16, 32), (31, 32)]
+
+
+class Conv1D(nn.Module):
+    """transformers' Conv1D layout: weight [in, out], y = x @ W + b (N:M groups run along dim 0).
+
+    The stand-ins this replaces differed in their initialization; each test keeps its numbers by
+    asking for the one it used: ``scale`` multiplies ``randn(nx, nf)``; ``bias`` is "zeros", "random"
+    (``randn(nf) * 0.1``, drawn after the weight) or None (no bias); ``addmm`` computes the forward as
+    transformers does (``addmm`` over the flattened rows) instead of ``x @ W + b``.
+    """
+
+    def __init__(self, nf, nx, *, scale=0.1, bias="zeros", addmm=False):
+        super().__init__()
+        self.nf = nf
+        self.addmm = addmm
+        self.weight = nn.Parameter(torch.randn(nx, nf) * scale)
+        if bias == "zeros":
+            self.bias = nn.Parameter(torch.zeros(nf))
+        elif bias == "random":
+            self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+        elif bias is None:
+            self.bias = None
+        else:
+            raise ValueError(f"bias must be 'zeros', 'random' or None, not {bias!r}")
+
+    def forward(self, x):
+        if self.bias is None:
+            return x @ self.weight
+        if self.addmm:
+            out = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.weight)
+            return out.view(*x.shape[:-1], self.nf)
+        return x @ self.weight + self.bias
+
+
+# the small TinyGPT of the optimizer tests; tiny_gpt(config={}) gives TinyGPT's own defaults
+TINY_GPT = dict(vocab=64, ctx=16, d_model=32, n_layer=1, n_head=2)
+
+
+def tiny_gpt(dtype=torch.float32, device="cpu", seed=0, config=TINY_GPT):
+    """A TinyGPT(**config) initialized from ``torch.manual_seed(seed)``, on ``device`` in ``dtype``."""
+    torch.manual_seed(seed)
+    return TinyGPT(**config).to(device=device, dtype=dtype)
+
+
+def scalars(*, step, lr, weight_decay=0.1, srste_decay=0.0, beta1=0.9, beta2=0.999, eps=1e-8):
+    """The precomputed scalars of one fused step (``reference.step_scalars``)."""
+    return ref.step_scalars(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
+                            srste_decay=srste_decay)
+
+
+def assert_exact(actual, expected, what):
+    """Equal values, NaN for NaN (rtol = atol = 0)."""
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def assert_live_w(actual, expected, w_before, decay_factor, what):
+    """|actual - expected| <= 1 ulp(expected) + 2^-22 |update| (the reference's sqrt rounding)."""
+    update = (expected - w_before * torch.tensor(decay_factor, dtype=torch.float32)).abs()
+    spacing = (torch.nextafter(expected.abs(), torch.tensor(math.inf)) - expected.abs())
+    allowed = spacing + update * 2.0**-22
+    finite = ~torch.isnan(expected)
+    assert torch.equal(torch.isnan(actual), torch.isnan(expected)), f"{what}: NaN positions differ"
+    excess = (actual - expected).abs()[finite] > allowed[finite]
+    assert not excess.any(), f"{what}: {int(excess.sum())} elements beyond the reference's rounding"
+
+
+def assert_ulps(actual, expected, name, ulps, change=None):
+    """|actual - expected| <= ulps * ulp(max(|expected|, |change|)), NaNs matching NaNs.
+
+    ``change`` is the size of this step's update: its rounding error (torch's CPU sqrt is off by an
+    ulp at times) lands on the result, so for small weights the ulp of the update sets the scale.
+    """
+    actual, expected = actual.float(), expected.float()
+    nan = torch.isnan(expected)
+    assert torch.equal(torch.isnan(actual), nan), f"{name}: NaN positions differ"
+    a, e = actual[~nan], expected[~nan]
+    mag = e.abs() if change is None else torch.maximum(e.abs(), change.float()[~nan].abs())
+    mag = mag.clamp_min(1e-30)
+    ulp = torch.nextafter(mag, torch.tensor(float("inf"))) - mag
+    bad = (a - e).abs() > ulps * ulp
+    assert not bad.any(), (f"{name}: {int(bad.sum())} values beyond {ulps} ulp, e.g. "
+                           f"{a[bad][:3].tolist()} vs {e[bad][:3].tolist()}")
+
+
+# ---------------------------------------------------------------------------------------------
+# one fused step on per-tensor rows [w, g, m, second, out], and the C++ backend's tolerance
+# ---------------------------------------------------------------------------------------------
+
+# the scalars of the row-based checks (tests/test_fused_step_cpu.py, tests/test_backend_conformance.py)
+ROW_SCALARS = dict(step=7, lr=0.05, weight_decay=0.1, srste_decay=0.3)
+# (masked, frozen_v, compute_stats): dense AdamW, phase 1 with AutoSwitch sums, SR-STE, phase 2
+FLAGS = {"dense": (False, False, False), "phase1": (False, False, True),
+         "srste": (True, False, False), "phase2": (True, True, False)}
+
+
+def make_tensors(shapes, *, frozen, g_dtype, out_dtype, p_dtype=torch.float32, seed=0):
+    """Per tensor [w, g, m, second, out]. Half of each w is quantized so groups hold ties."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = []
+    for shape in shapes:
+        w = torch.randn(shape, generator=gen)
+        flat = w.view(-1)
+        flat[: flat.numel() // 2] = torch.round(flat[: flat.numel() // 2] * 4) / 4
+        g = (torch.randn(shape, generator=gen) * 0.5).to(g_dtype)
+        m = torch.randn(shape, generator=gen) * 0.1
+        if frozen:
+            second = (torch.rand(shape, generator=gen) * 20 + 0.5).to(p_dtype)
+        else:
+            second = torch.rand(shape, generator=gen) * 0.01
+        out = torch.full(shape, 7.0, dtype=out_dtype) if out_dtype is not None else None
+        tensors.append([w, g, m, second, out])
+    return tensors
+
+
+def clone(tensors):
+    return [[t.clone() if t is not None else None for t in ts] for ts in tensors]
+
+
+def run(backend, tensors, *, flags, n=0, m=0, dims=None, s=None, grad_scale=None, found_inf=None):
+    masked, frozen, stats = FLAGS[flags] if isinstance(flags, str) else flags
+    cols = list(zip(*tensors))
+    totals, _ = ops.fused_step(
+        backend, *[list(c) for c in cols], masked=masked, frozen_v=frozen, n=n, m=m,
+        group_dims=dims if masked else None, scalars=s or scalars(**ROW_SCALARS), grad_scale=grad_scale,
+        found_inf=found_inf, compute_stats=stats,
+    )
+    return totals
+
+
+def compare(ours, theirs, tot_ours, tot_ref, *, flags, w_before, decay_factor, n=0, m=0, dims=None):
+    """The C++ backend's tolerance: bit equality except the live-v weight (tests/test_fused_step_cpu.py
+    explains why); the model parameter is exactly the rounded (masked) weight of the kernel, and its
+    mask exactly the reference's."""
+    masked, frozen, stats = FLAGS[flags] if isinstance(flags, str) else flags
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        if frozen:
+            assert_exact(a[0], b[0], f"w[{i}]")
+        else:
+            assert_live_w(a[0], b[0], w_before[i], decay_factor, f"w[{i}]")
+        assert_exact(a[2], b[2], f"m[{i}]")
+        assert_exact(a[3], b[3], f"second[{i}]")
+        if a[4] is not None:
+            if masked:
+                keep = ref.nm_mask(a[0], n, m, dims[i])
+                assert torch.equal(keep, ref.nm_mask(b[0], n, m, dims[i])), f"mask of tensor {i} differs"
+                expected = torch.where(keep, a[0], torch.zeros(()))
+            else:
+                expected = a[0]
+            assert_exact(a[4], expected.to(a[4].dtype), f"model_param[{i}]")
+            if frozen:
+                assert_exact(a[4], b[4], f"model_param[{i}]")
+    assert tot_ours.dtype == torch.float64 and tot_ours.shape == (3,)
+    assert tot_ours[2].item() == tot_ref[2].item(), "flips"
+    torch.testing.assert_close(tot_ours[:2], tot_ref[:2], rtol=1e-12, atol=0)
+
+
+
+
+def compare_ulps(ours, theirs, tot_ours, tot_ref, *, flags, w_before, ulps, n=0, m=0, dims=None):
+    """The Triton backend's tolerance (tests/test_fused_step_triton.py) on rows: w, m and a live v
+    within ``ulps`` of the reference (w: of the value or of the step's update), a frozen
+    preconditioner untouched, the same masks and flips, the model parameter exactly the RNE cast of
+    the kernel's own masked w, AutoSwitch sums within rtol 1e-6."""
+    masked, frozen, stats = FLAGS[flags] if isinstance(flags, str) else flags
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert_ulps(a[0], b[0], f"w[{i}]", ulps, change=b[0] - w_before[i])
+        assert_ulps(a[2], b[2], f"m[{i}]", ulps)
+        if frozen:
+            assert torch.equal(a[3], b[3]), f"p[{i}] must be read only"
+        else:
+            assert_ulps(a[3], b[3], f"v[{i}]", ulps)
+        if masked:
+            keep = ref.nm_mask(a[0], n, m, dims[i])
+            assert torch.equal(keep, ref.nm_mask(b[0], n, m, dims[i])), f"mask[{i}] differs"
+            expected = torch.where(keep, a[0], torch.zeros((), device=keep.device))
+        else:
+            expected = a[0]
+        if a[4] is not None:
+            # torch.equal, NaN for NaN (a kept NaN weight)
+            assert_exact(a[4], expected.to(a[4].dtype), f"model param [{i}] is not RNE of w")
+    if masked:
+        assert tot_ours[2].item() == tot_ref[2].item(), "flip counts differ"
+    else:
+        torch.testing.assert_close(tot_ours.cpu(), tot_ref.cpu(), rtol=1e-6, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the Triton file's inputs: ties on a coarse grid, a preconditioner 1 / (sqrt(v) + 1e-3)
+# ---------------------------------------------------------------------------------------------
+
+
+def make_case(shapes, *, frozen, grad_dtype, out_dtype, precond_dtype, device, seed, ties=True):
+    gen = torch.Generator().manual_seed(seed)
+    tensors = []
+    for shape in shapes:
+        w = torch.randn(shape, generator=gen)
+        if ties:  # a coarse grid makes equal magnitudes (and +-0) common, so the tie rule is exercised
+            w = torch.round(w * 4) / 4
+        g = torch.randn(shape, generator=gen).to(grad_dtype)
+        m1 = torch.randn(shape, generator=gen) * 0.1
+        v = torch.rand(shape, generator=gen) * 1e-2
+        second = (1 / (v.sqrt() + 1e-3)).to(precond_dtype) if frozen else v
+        out = torch.full(shape, -7.0, dtype=out_dtype) if out_dtype is not None else None  # unwritten shows
+        tensors.append([x.to(device) if x is not None else None for x in (w, g, m1, second, out)])
+    return tensors
+
+
+def rows(result):
+    """A dict of result lists (w, m, second, out: run_both's) as rows [w, g, m, second, out], g None."""
+    return [list(row) for row in zip(result["w"], [None] * len(result["w"]), result["m"], result["second"],
+                                     result["out"])]
