@@ -6,7 +6,11 @@ helpers_state); tests/multiproc/common.py adds tests/ to sys.path itself.
 """
 
 import math
+import os
+import signal
+import subprocess
 
+import pytest
 import torch
 from torch import nn
 
@@ -231,3 +235,20 @@ def rows(result):
     """A dict of result lists (w, m, second, out: run_both's) as rows [w, g, m, second, out], g None."""
     return [list(row) for row in zip(result["w"], [None] * len(result["w"]), result["m"], result["second"],
                                      result["out"])]
+
+
+def run_to_completion(cmd, label, timeout, cwd=None):
+    """Run ``cmd`` (one OpenMP thread, unbuffered output) in a session of its own and return its
+    combined output. A run past ``timeout`` seconds is killed with its whole process group and
+    fails the test (a hang never blocks CI); a non-zero exit fails it with the output's tail."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"{label} hung for {timeout} s:\n{out[-4000:]}")
+    assert proc.returncode == 0, f"{label} failed:\n{out[-6000:]}"
+    return out

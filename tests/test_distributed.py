@@ -9,8 +9,6 @@ bit-identical and every weight, state tensor and mask must match exactly; the Au
 
 import os
 import re
-import signal
-import subprocess
 import sys
 
 import pytest
@@ -19,6 +17,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 import step_kernels as sk
+from helpers import run_to_completion
 from step_kernels.distributed import DistributedSTEP, check_group_layout, prepare_optimizer_for_load, shard_ranges
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -32,17 +31,7 @@ def launch(script, *args, nproc=2):
     """Run ``script`` under ``torch.distributed.run --standalone`` with ``nproc`` gloo ranks."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            script, *map(str, args)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{os.path.basename(script)} {args} hung for {LAUNCH_TIMEOUT_S} s:\n{out[-4000:]}")
-    assert proc.returncode == 0, f"{os.path.basename(script)} {args} failed:\n{out[-6000:]}"
-    return out
+    return run_to_completion(cmd, f"{os.path.basename(script)} {args}", LAUNCH_TIMEOUT_S)
 
 
 def results(out_dir, mode, nproc=2):

@@ -11,12 +11,11 @@ extension (for 2:4 packing) is missing is skipped with the reason.
 import ast
 import importlib.util
 import os
-import signal
-import subprocess
 import sys
 
 import pytest
 
+from helpers import run_to_completion
 from step_kernels import _extension
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,17 +39,7 @@ def run_example(name, nproc, args):
     launcher = [sys.executable]
     if nproc:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(launcher + [script, "--smoke", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{name} --smoke hung for {TIMEOUT_S} s:\n{out[-4000:]}")
-    assert proc.returncode == 0, f"{name} --smoke failed:\n{out[-6000:]}"
-    return out
+    return run_to_completion(launcher + [script, "--smoke", *args], f"{name} --smoke", TIMEOUT_S, cwd=ROOT)
 
 
 @pytest.mark.slow
