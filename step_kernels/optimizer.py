@@ -911,6 +911,24 @@ class STEP(torch.optim.Optimizer):
         if value.device.type == "meta" and p.device.type != "meta":
             raise ValueError(f"{name}: state {key!r} is on the meta device (it holds no values)")
 
+    def __repr__(self) -> str:
+        """torch's optimizer repr (each group's settings), with AutoSwitch's Z history summarised.
+
+        The history grows by one value per step until the switch; printed whole it would bury the
+        settings. It shows as its length and last value; ``stats()["z_history"]`` has every value.
+        """
+        lines = [f"{type(self).__name__} ("]
+        for index, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {index}")
+            for key in sorted(group):
+                if key == "params":
+                    continue
+                value = group[key]
+                if key == "z_history" and value:
+                    value = f"[{len(value)} values, last {value[-1]:.4g}]"
+                lines.append(f"    {key}: {value}")
+        return "\n".join(lines) + "\n)"
+
     def __getstate__(self) -> Dict[str, Any]:
         """What ``pickle`` and ``copy.deepcopy`` keep: every attribute but torch's hook registries.
 

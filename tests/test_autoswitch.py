@@ -114,3 +114,21 @@ def test_every_param_group_holds_the_same_z_history_also_after_a_resume():
     train(resumed, 2)
     histories = [g["z_history"] for g in resumed.state_dict()["param_groups"]]
     assert len(histories[0]) == 5 and histories[1] == histories[0] == resumed.stats()["z_history"]
+
+
+def test_repr_summarises_the_z_history_and_keeps_every_setting():
+    """The Z history grows by a value a step; repr shows its length and last value, not the list."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    opt = sk.STEP([{"params": [model[0].weight], "sparsity": "2:4", "lr": 5e-3}, {"params": [model[1].weight]}],
+                  betas=(0.9, 0.9), switch=sk.AutoSwitch(threshold=0.0), backend="reference")
+    assert "    z_history: []\n" in repr(opt)
+    for _ in range(40):
+        opt.zero_grad()
+        model(torch.randn(4, 8)).square().mean().backward()
+        opt.step()
+    history = opt.stats()["z_history"]
+    text = repr(opt)
+    assert len(history) == 40 and text.count(f"    z_history: [40 values, last {history[-1]:.4g}]\n") == 2
+    assert str(history[-1]) not in text.replace(f"{history[-1]:.4g}", "")
+    assert "    lr: 0.005\n" in text and "    sparsity: 2:4\n" in text and "    phase: dense\n" in text
+    assert text.startswith("STEP (\nParameter Group 0\n") and text.endswith("\n)")
