@@ -22,7 +22,7 @@
 // time. It includes nothing (the includer provides <algorithm>, <cstdint>, <cstring>, <utility>,
 // fused_step.h and fused_step_cpu_plan.h), so no library code is compiled for a wider ISA than the
 // CPU's. Vector shuffles use __builtin_shufflevector (constant indices; GCC >= 12 and clang), not
-// GCC's __builtin_shuffle, which clang lacks.
+// GCC's __builtin_shuffle, which clang lacks (older GCC keeps it: rotate_in_groups).
 
 using step_kernels::StepScalarsF;
 
@@ -31,7 +31,11 @@ typedef int32_t v16i __attribute__((vector_size(64)));
 // Lane i of the result is lane (i + S) mod M of i's group of M lanes: a rotation within groups.
 template <int M, int S, int... I>
 STEP_HOST_DEVICE v16i rotate_in_groups(const v16i& v, std::integer_sequence<int, I...>) {
+#if defined(__clang__) || __GNUC__ >= 12
   return __builtin_shufflevector(v, v, ((I & ~(M - 1)) | ((I + S) & (M - 1)))...);
+#else  // GCC before 12 has only its own shuffle
+  return __builtin_shuffle(v, v16i{((I & ~(M - 1)) | ((I + S) & (M - 1)))...});
+#endif
 }
 
 template <int M, int S>
