@@ -11,7 +11,7 @@ time of every kernel but not of the copy, the machine is core-bound).
 
 Then every instruction-set variant of the kernel (``STEP_KERNELS_CPU_ISA``: avx512, avx2,
 baseline), each in its own process at 1 thread, against the peer at the matching
-``ATEN_CPU_CAPABILITY`` (avx512, avx2, default; torch reads it at import, hence the processes):
+``ATEN_CPU_CAPABILITY`` (avx512, avx2, default; torch reads it once a process, hence the processes):
 phase 2 fp32, phase 2 bf16 with a bf16 preconditioner and phase 1 fp32, as x fused AdamW. A
 variant this build lacks or this CPU cannot run is reported as such.
 
