@@ -13,7 +13,7 @@ BUILD_STAMP := $(VENV)/.build-ready
 OPTIONAL_DEPS := transformers==5.24.0 scikit-learn==1.9.1 accelerate==1.15.0
 CSRC := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
 
-.PHONY: setup build test pytest cmake-test lint demo bench clean gpu-check gpu-check-dry-run
+.PHONY: setup build test pytest cmake-test cross-test clang-test lint demo bench clean gpu-check gpu-check-dry-run
 
 setup: $(DEPS_STAMP)
 
@@ -63,7 +63,31 @@ cmake-test:
 	cmake --build cmake-build -j2
 	ctest --test-dir cmake-build --output-on-failure
 
-test: cmake-test pytest gpu-check-dry-run
+# `make cross-test`: the ctest built for aarch64 (g++-aarch64-linux-gnu) and run under qemu-user, so
+# the portable kernel and the host logic are checked on an ARM CPU. `make clang-test`: the ctest
+# built with clang++, so the AVX-512 / AVX2 / baseline variants of the CPU step are built and run
+# as clang compiles them. Both install their Debian packages when missing (cmake/ensure-tools.sh) and
+# are skipped with a message where that is not possible (no apt-get, not root, no network).
+cross-test:
+	@if sh cmake/ensure-tools.sh "make cross-test" aarch64-linux-gnu-g++=g++-aarch64-linux-gnu \
+		qemu-aarch64=qemu-user; then \
+		set -e; \
+		cmake -S . -B cmake-build-aarch64 -DCMAKE_BUILD_TYPE=Release \
+			-DCMAKE_TOOLCHAIN_FILE=cmake/aarch64-linux-gnu.toolchain.cmake; \
+		cmake --build cmake-build-aarch64 -j2; \
+		ctest --test-dir cmake-build-aarch64 --output-on-failure; \
+	fi
+
+clang-test:
+	@if sh cmake/ensure-tools.sh "make clang-test" clang++=clang; then \
+		set -e; \
+		cmake -S . -B cmake-build-clang -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER=clang++ \
+			-DSTEP_KERNELS_CUDA_CHECK=OFF; \
+		cmake --build cmake-build-clang -j2; \
+		ctest --test-dir cmake-build-clang --output-on-failure; \
+	fi
+
+test: cmake-test cross-test clang-test pytest gpu-check-dry-run
 
 demo: $(BUILD_STAMP)
 	$(PY) -m step_kernels.demo
@@ -85,4 +109,4 @@ gpu-check-dry-run: $(BUILD_STAMP)
 	$(PY) -m bench.gpu_check --dry-run
 
 clean:
-	rm -rf build cmake-build *.egg-info step_kernels/_C*.so $(BUILD_STAMP)
+	rm -rf build cmake-build cmake-build-aarch64 cmake-build-clang *.egg-info step_kernels/_C*.so $(BUILD_STAMP)

@@ -5,8 +5,9 @@ Writes ``bench/results/<machine>.json`` (machine, versions, git commit, every re
 one. ``--quick`` keeps sizes small (under 3 minutes on 2 CPU cores) and writes
 ``<machine>-quick.*`` instead, so a quick look never replaces a machine's full results;
 ``--only a,b`` picks benchmarks by name. Nothing outside the output folder changes unless
-``--write-docs`` is given (full runs only): then docs/benchmarks.md is regenerated from every
-machine's full report (``bench/readme.py``). No benchmark run writes the README.
+``--write-docs`` is given (full runs only): then docs/benchmarks.md and the README's per-variant
+CPU table are regenerated from every machine's full report (``bench/readme.py``). No benchmark run
+writes the rest of the README.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=RESULTS_DIR, help="directory for the .json, .md and .png files")
     parser.add_argument("--write-docs", action="store_true",
-                        help="after a full run, regenerate docs/benchmarks.md from every machine's full report")
+                        help="after a full run, regenerate docs/benchmarks.md and the README's CPU variant "
+                             "table from every machine's full report")
     args = parser.parse_args(argv)
     if args.write_docs and (args.quick or args.only):
         parser.error("--write-docs publishes full runs only: drop --quick and --only")
@@ -110,6 +112,7 @@ def main(argv: List[str] = None) -> int:
     print(f"wrote {json_path} and {md_path}")
     if args.write_docs:
         print(f"wrote {readme.write_docs(results_dir=args.out)}")
+        print(f"wrote {readme.write_readme(results_dir=args.out)}")
     return 0
 
 

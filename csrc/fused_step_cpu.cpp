@@ -5,110 +5,21 @@
 // untouched), cuts each tensor into chunks of whole N:M groups (kChunk elements along the
 // contiguous dim; m rows by kChunk / m columns when the groups run along a strided dim, the Conv1D
 // orientation), and steps the chunks with at::parallel_for. The kernel (fused_step_cpu_kernel.h)
-// is compiled for AVX-512, AVX2 and the baseline x86-64 and picked at run time
-// (STEP_KERNELS_CPU_ISA=avx512|avx2|baseline overrides). Each chunk writes its own partial sums,
+// is compiled for AVX-512, AVX2 and the baseline x86-64 by GCC and clang (fused_step_cpu_isas.h;
+// other CPUs get the baseline only) and picked at run time (STEP_KERNELS_CPU_ISA=avx512|avx2|baseline
+// overrides; fused_step_cpu_isa() names the one that runs). Each chunk writes its own partial sums,
 // which are added in chunk order, so the AutoSwitch sums and the flip count do not depend on the
 // thread count.
-#include <algorithm>
-#include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <string>
-#include <utility>
-#include <vector>
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
-#include "fused_step.h"
-
-namespace step_kernels {
-namespace cpu_step {
-
-enum class DType : int { F32, BF16, F16 };
-
-constexpr int64_t kChunk = 2048;  // elements per unit of work and of partial sums; a multiple of every M
-constexpr int32_t kTile = 256;    // elements per tile: whole groups of every M, all buffers in L1
-
-struct TensorPlan {
-  float* w;
-  const void* g;
-  float* m;
-  void* second;  // v (fp32, updated) or the frozen p (fp32 or bf16, read only)
-  void* out;     // the model parameter, or nullptr when w is the model parameter
-  DType g_type, second_type, out_type;
-};
-
-// seg_len elements at base + s * seg_stride for s in [0, nseg): 1 segment of whole groups
-// (contiguous groups), or the m rows of a block of groups (groups along a strided dim).
-struct Chunk {
-  int64_t base;
-  int64_t seg_stride;
-  int32_t seg_len;
-  int32_t nseg;
-  int32_t tensor;
-};
-
-struct ChunkStats {
-  double abs_dv = 0.0;
-  double v_sum = 0.0;
-  int64_t flips = 0;
-};
-
-struct Plan {
-  const TensorPlan* tensors;
-  const Chunk* chunks;
-  StepScalarsF scalars;
-  float scale;
-  bool has_scale, masked, frozen_v, compute_stats;
-  int n, m;
-};
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define STEP_CPU_MULTI_ISA 1
-#pragma GCC push_options
-#pragma GCC target("arch=x86-64-v4")
-#define STEP_CPU_AVX512 1  // the pragma does not define __AVX512F__: the kernel's AVX-512 paths
-namespace isa_avx512 {
-#include "fused_step_cpu_kernel.h"
-}  // namespace isa_avx512
-#undef STEP_CPU_AVX512
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("arch=x86-64-v3")
-namespace isa_avx2 {
-#include "fused_step_cpu_kernel.h"
-}  // namespace isa_avx2
-#pragma GCC pop_options
-#endif
-namespace isa_baseline {
-#include "fused_step_cpu_kernel.h"
-}  // namespace isa_baseline
-
-using RunChunks = void (*)(const Plan&, int64_t, int64_t, ChunkStats*);
-
-struct Isa {
-  const char* name;
-  RunChunks run;
-  bool supported;
-};
-
-std::vector<Isa> isas() {
-  std::vector<Isa> all;
-#if defined(STEP_CPU_MULTI_ISA)
-  all.push_back({"avx512", &isa_avx512::run_chunks, __builtin_cpu_supports("x86-64-v4") != 0});
-  all.push_back({"avx2", &isa_avx2::run_chunks, __builtin_cpu_supports("x86-64-v3") != 0});
-#endif
-  all.push_back({"baseline", &isa_baseline::run_chunks, true});
-  return all;
-}
-
-}  // namespace cpu_step
-}  // namespace step_kernels
-
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "fused_step_cpu_isas.h"
 
 namespace {
 
@@ -158,23 +69,13 @@ void check_in_place(const at::Tensor& t, const char* what, int64_t i) {
                     ") must be contiguous: it is updated in place");
 }
 
-// Chunks of tensor `ti`: whole N:M groups, kChunk elements or m rows x (kChunk / m) columns.
-void add_chunks(std::vector<Chunk>& chunks, int32_t ti, const at::Tensor& w, bool masked, int64_t m, int64_t dim) {
-  const int64_t numel = w.numel();
+// Chunks of tensor `ti`: whole N:M groups along `dim` (contiguous when it is the last non-trivial dim).
+void add_tensor_chunks(std::vector<Chunk>& chunks, int32_t ti, const at::Tensor& w, bool masked, int64_t m,
+                       int64_t dim) {
   int64_t inner = 1;
   if (masked)
     for (int64_t d = dim + 1; d < w.dim(); ++d) inner *= w.size(d);
-  if (inner == 1) {
-    for (int64_t base = 0; base < numel; base += kChunk)
-      chunks.push_back({base, 0, static_cast<int32_t>(std::min(kChunk, numel - base)), 1, ti});
-    return;
-  }
-  const int64_t rows = numel / inner;  // outer * size(dim): groups are m consecutive rows
-  const int64_t cols = std::min(inner, kChunk / m);
-  for (int64_t r = 0; r < rows; r += m)
-    for (int64_t c = 0; c < inner; c += cols)
-      chunks.push_back(
-          {r * inner + c, inner, static_cast<int32_t>(std::min(cols, inner - c)), static_cast<int32_t>(m), ti});
+  add_chunks(chunks, ti, w.numel(), inner, m);
 }
 
 at::Tensor fused_step_cpu(at::TensorList weights, at::TensorList grads, at::TensorList exp_avgs,
@@ -260,7 +161,7 @@ at::Tensor fused_step_cpu(at::TensorList weights, at::TensorList grads, at::Tens
     if (w.numel() == 0) continue;
     tensors.push_back({w.data_ptr<float>(), g.data_ptr(), exp_avgs[i].data_ptr<float>(), second_moments[i].data_ptr(),
                        out, g_type, second_type, out_type});
-    add_chunks(chunks, static_cast<int32_t>(tensors.size() - 1), w, masked, m, dim);
+    add_tensor_chunks(chunks, static_cast<int32_t>(tensors.size() - 1), w, masked, m, dim);
   }
   at::Tensor totals = at::zeros({3}, at::TensorOptions().dtype(at::kDouble));
   if (found_inf.has_value() && found_inf->to(at::kFloat).item<float>() != 0.0f) return totals;

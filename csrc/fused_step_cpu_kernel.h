@@ -16,21 +16,38 @@
 // update, new mask and model parameter in registers) measured faster on fresh tensors but 1.4x
 // slower inside the STEP optimizer, so the tile keeps its passes.
 //
-// This file has no include guard on purpose: fused_step_cpu.cpp includes it once per instruction
-// set, inside a namespace and a `#pragma GCC target` region, so the compiler vectorizes it for
-// AVX-512, AVX2 and the baseline, and the launcher picks one at run time. It includes nothing (the
-// includer provides <algorithm>, <cstdint>, <cstring>, <utility>, fused_step.h and the plan types
-// of fused_step_cpu.cpp), so no library code is compiled for a wider ISA than the CPU's.
+// This file has no include guard on purpose: fused_step_cpu_isas.h includes it once per
+// instruction set, inside a namespace and a target region (GCC's pragma or clang's attribute), so
+// the compiler vectorizes it for AVX-512, AVX2 and the baseline, and the launcher picks one at run
+// time. It includes nothing (the includer provides <algorithm>, <cstdint>, <cstring>, <utility>,
+// fused_step.h and fused_step_cpu_plan.h), so no library code is compiled for a wider ISA than the
+// CPU's. Vector shuffles use __builtin_shufflevector (constant indices; GCC >= 12 and clang), not
+// GCC's __builtin_shuffle, which clang lacks (older GCC keeps it: rotate_in_groups).
 
 using step_kernels::StepScalarsF;
 
 typedef int32_t v16i __attribute__((vector_size(64)));
 
+// Lane i of the result is lane (i + S) mod M of i's group of M lanes: a rotation within groups.
+template <int M, int S, int... I>
+STEP_HOST_DEVICE v16i rotate_in_groups(const v16i& v, std::integer_sequence<int, I...>) {
+#if defined(__clang__) || __GNUC__ >= 12
+  return __builtin_shufflevector(v, v, ((I & ~(M - 1)) | ((I + S) & (M - 1)))...);
+#else  // GCC before 12 has only its own shuffle
+  return __builtin_shuffle(v, v16i{((I & ~(M - 1)) | ((I + S) & (M - 1)))...});
+#endif
+}
+
+template <int M, int S>
+STEP_HOST_DEVICE v16i rotate_in_groups(const v16i& v) {
+  return rotate_in_groups<M, S>(v, std::make_integer_sequence<int, 16>());
+}
+
 // rank += [entry (i + S) mod M of the group beats entry i], for 16 lanes holding 16 / M groups.
 template <int M, int S>
 STEP_HOST_DEVICE void rank_add(const v16i& key, v16i& rank) {
   const v16i lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  const v16i other = __builtin_shuffle(key, (lane & ~(M - 1)) | ((lane + S) & (M - 1)));
+  const v16i other = rotate_in_groups<M, S>(key);
   const v16i other_is_lower = (lane & (M - 1)) >= (M - S);  // -1 where (i + S) mod M < i, else 0
   // beats: other > key, or other == key from a lower index. Keys are >= 0, so there the test
   // other >= key is other > key - 1: one compare. Comparisons give -1 or 0.
@@ -63,8 +80,8 @@ STEP_HOST_DEVICE v16i keep16(const v16i& bits, int n) {
     // complemented; the rank (0..3) is the bit count of the three masks, done in scalar registers,
     // which leaves the vector units about 8 operations per 16 weights instead of 18.
     const v16i lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-    const v16i other1 = __builtin_shuffle(key, (lane & ~3) | ((lane + 1) & 3));
-    const v16i other2 = __builtin_shuffle(key, (lane & ~3) | ((lane + 2) & 3));
+    const v16i other1 = rotate_in_groups<4, 1>(key);
+    const v16i other2 = rotate_in_groups<4, 2>(key);
     const v16i lower1 = (lane & 3) >= 3, lower2 = (lane & 3) >= 2;  // see rank_add
     const uint32_t b1 = _mm512_cmpgt_epi32_mask((__m512i)other1, (__m512i)(key + lower1));
     const uint32_t b2 = _mm512_cmpgt_epi32_mask((__m512i)other2, (__m512i)(key + lower2));

@@ -74,7 +74,8 @@ int64_t grain_blocks(int64_t rows_per_block, int64_t cols) {
 
 std::tuple<at::Tensor, at::Tensor> pack24_cpu(const at::Tensor& dense_in, bool prune) {
   const at::Tensor dense = check_pack_input(dense_in);
-  auto [values, meta] = empty_packed(dense);
+  at::Tensor values, meta;  // not a structured binding: the lambdas below capture them (C++20 for clang)
+  std::tie(values, meta) = empty_packed(dense);
   const int64_t rows = dense.size(0), cols = dense.size(1);
   std::atomic<int64_t> first_bad{INT64_MAX};
   const bool simd = use_simd();

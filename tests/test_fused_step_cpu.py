@@ -131,7 +131,7 @@ def supported_isas():
             mp.setenv("STEP_KERNELS_CPU_ISA", isa)
             try:
                 torch.ops.step_kernels.fused_step_cpu_isa()
-            except RuntimeError:
+            except (RuntimeError, ValueError):  # not run by this CPU; not built (aarch64)
                 continue
         names.append(isa)
     return names
