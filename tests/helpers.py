@@ -112,6 +112,49 @@ def assert_ulps(actual, expected, name, ulps, change=None):
 
 
 # ---------------------------------------------------------------------------------------------
+# the instruction-set variants of the C++ fused step
+# ---------------------------------------------------------------------------------------------
+
+# The variants csrc/fused_step_cpu.cpp compiles, widest first. The extension reads
+# STEP_KERNELS_CPU_ISA at every call (pick_isa), so a test forces one by setting the variable; the
+# conformance suite and the thread-count test run once per variant this CPU supports. A new
+# variant is one more name here.
+CPU_ISAS = ("avx512", "avx2", "baseline")
+
+
+def supported_isas():
+    """The names of :data:`CPU_ISAS` this CPU runs ([] without the built extension)."""
+    if ops.backend_status("cpu", torch.device("cpu")) is not None:
+        return []
+    names = []
+    for isa in CPU_ISAS:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("STEP_KERNELS_CPU_ISA", isa)
+            try:
+                torch.ops.step_kernels.fused_step_cpu_isa()
+            except RuntimeError:  # "not supported by this CPU"
+                continue
+        names.append(isa)
+    return names
+
+
+def isa_params():
+    """One ``pytest.param`` per :data:`CPU_ISAS` entry, skipped where this CPU (or the missing
+    extension) cannot run it."""
+    supported = supported_isas()
+    reason = ops.backend_status("cpu", torch.device("cpu"))
+    return [pytest.param(isa, id=isa, marks=pytest.mark.skipif(
+        isa not in supported, reason=f"backend 'cpu': {reason or f'this CPU does not run {isa}'}"))
+        for isa in CPU_ISAS]
+
+
+def force_isa(monkeypatch, isa):
+    """Make every call of the C++ fused step in this test run the ``isa`` variant."""
+    monkeypatch.setenv("STEP_KERNELS_CPU_ISA", isa)
+    assert torch.ops.step_kernels.fused_step_cpu_isa() == isa
+
+
+# ---------------------------------------------------------------------------------------------
 # one fused step on per-tensor rows [w, g, m, second, out], and the C++ backend's tolerance
 # ---------------------------------------------------------------------------------------------
 
@@ -214,6 +257,16 @@ def compare_ulps(ours, theirs, tot_ours, tot_ref, *, flags, w_before, ulps, n=0,
 # ---------------------------------------------------------------------------------------------
 # the Triton file's inputs: ties on a coarse grid, a preconditioner 1 / (sqrt(v) + 1e-3)
 # ---------------------------------------------------------------------------------------------
+
+
+# named recipes of make_case inputs: (masked, frozen, grad dtype, model dtype, precond dtype)
+RECIPES = {
+    "step2-fp32": (True, True, torch.float32, torch.float32, torch.float32),
+    "step2-bf16": (True, True, torch.bfloat16, torch.bfloat16, torch.bfloat16),
+    "step2-fp16": (True, True, torch.float16, torch.float16, torch.float32),
+    "srste-fp32": (True, False, torch.float32, torch.float32, torch.float32),
+    "srste-bf16": (True, False, torch.bfloat16, torch.bfloat16, torch.float32),
+}
 
 
 def make_case(shapes, *, frozen, grad_dtype, out_dtype, precond_dtype, device, seed, ties=True):
