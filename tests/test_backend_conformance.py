@@ -111,7 +111,7 @@ def _skip_reason(backend):
         if CPU_REASON is not None:
             return f"backend 'cpu': {CPU_REASON}"
         if backend.isa not in SUPPORTED_ISAS:
-            return f"this CPU does not run {backend.isa}"
+            return f"this CPU or build does not run {backend.isa}"
         return None
     return TRITON_REASON
 

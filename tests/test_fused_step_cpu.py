@@ -46,7 +46,7 @@ def test_instruction_set_override_is_honoured_and_checked(monkeypatch):
     for isa in isas:
         force_isa(monkeypatch, isa)
     monkeypatch.setenv("STEP_KERNELS_CPU_ISA", "sse9")
-    with pytest.raises(ValueError, match="STEP_KERNELS_CPU_ISA must be one of avx512, avx2, baseline, got 'sse9'"):
+    with pytest.raises(ValueError, match="STEP_KERNELS_CPU_ISA must be one of .*baseline, got 'sse9'"):
         torch.ops.step_kernels.fused_step_cpu_isa()
 
 
