@@ -78,8 +78,8 @@ class Check:
 
 
 CHECKS = [
-    Check("50 optimizer steps through the switch equal the reference (fp32, bf16)",
-          ["tests/test_fused_step_triton.py::test_optimizer_50_steps_through_the_switch_equals_reference"], 2),
+    Check("50 optimizer steps equal the reference backend (TinyGPT and an MLP; fp32, bf16; STEP, SR-STE)",
+          ["tests/test_backend_conformance.py::test_fifty_optimizer_steps_match_reference_backend"], 2),
     Check("Triton fused step: every configuration of the interpreter grid against the reference",
           ["tests/test_fused_step_triton.py::", "tests/test_backend_conformance.py::"], 2),
     Check("Triton nm_prune against the reference, bit for bit", ["tests/test_nm_prune_triton.py::"], 4),

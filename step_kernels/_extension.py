@@ -88,6 +88,14 @@ def cpu_fused_step(
     op = require("fused_step")
     if len(weights) == 0:  # the dispatcher needs a tensor to route the call
         return torch.zeros(3, dtype=torch.float64), 1
+    # One meta tensor would route the whole call to the fake kernel: no step, uninitialised totals.
+    for name, tensors in (("weights", weights), ("grads", grads), ("exp_avgs", exp_avgs),
+                          ("second_moments", second_moments), ("model_params", model_params),
+                          ("grad_scale", [grad_scale]), ("found_inf", [found_inf])):
+        for i, t in enumerate(tensors):
+            if isinstance(t, Tensor) and t.device.type == "meta":
+                where = name if name in ("grad_scale", "found_inf") else f"{name}[{i}]"
+                raise ValueError(f"fused_step: {where} is on meta; the 'cpu' backend takes CPU tensors")
     totals = op(
         list(weights), list(grads), list(exp_avgs), list(second_moments), list(model_params),
         masked=masked, frozen_v=frozen_v, n=n, m=m, group_dims=list(group_dims or []),

@@ -1,10 +1,13 @@
 """What several test files share: a Conv1D stand-in, the small TinyGPT, the N:M lists, the step
-scalars and the tolerance checks of the fused-step backends against the reference.
+scalars and the tolerance checks of the fused-step backends against the reference, the N:M prune
+inputs and bit comparisons, snapshots of a model and an optimizer (all or nothing), and
+run_to_completion for subprocess launches.
 
-Tests import it as ``from helpers import ...`` (pytest puts tests/ on sys.path, as for nm_cases and
-helpers_state); tests/multiproc/common.py adds tests/ to sys.path itself.
+Tests import it as ``from helpers import ...`` (pytest puts tests/ on sys.path); tests/multiproc/common.py
+adds tests/ to sys.path itself.
 """
 
+import copy
 import math
 import os
 import signal
@@ -109,6 +112,49 @@ def assert_ulps(actual, expected, name, ulps, change=None):
 
 
 # ---------------------------------------------------------------------------------------------
+# the instruction-set variants of the C++ fused step
+# ---------------------------------------------------------------------------------------------
+
+# The variants csrc/fused_step_cpu.cpp compiles, widest first. The extension reads
+# STEP_KERNELS_CPU_ISA at every call (pick_isa), so a test forces one by setting the variable; the
+# conformance suite and the thread-count test run once per variant this CPU supports. A new
+# variant is one more name here.
+CPU_ISAS = ("avx512", "avx2", "baseline")
+
+
+def supported_isas():
+    """The names of :data:`CPU_ISAS` this CPU and this build run ([] without the built extension)."""
+    if ops.backend_status("cpu", torch.device("cpu")) is not None:
+        return []
+    names = []
+    for isa in CPU_ISAS:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("STEP_KERNELS_CPU_ISA", isa)
+            try:
+                torch.ops.step_kernels.fused_step_cpu_isa()
+            except (RuntimeError, ValueError):  # not supported by this CPU; not compiled into this build
+                continue
+        names.append(isa)
+    return names
+
+
+def isa_params():
+    """One ``pytest.param`` per :data:`CPU_ISAS` entry, skipped where this CPU (or the missing
+    extension) cannot run it."""
+    supported = supported_isas()
+    reason = ops.backend_status("cpu", torch.device("cpu"))
+    return [pytest.param(isa, id=isa, marks=pytest.mark.skipif(
+        isa not in supported, reason=f"backend 'cpu': {reason or f'this CPU or build does not run {isa}'}"))
+        for isa in CPU_ISAS]
+
+
+def force_isa(monkeypatch, isa):
+    """Make every call of the C++ fused step in this test run the ``isa`` variant."""
+    monkeypatch.setenv("STEP_KERNELS_CPU_ISA", isa)
+    assert torch.ops.step_kernels.fused_step_cpu_isa() == isa
+
+
+# ---------------------------------------------------------------------------------------------
 # one fused step on per-tensor rows [w, g, m, second, out], and the C++ backend's tolerance
 # ---------------------------------------------------------------------------------------------
 
@@ -180,8 +226,6 @@ def compare(ours, theirs, tot_ours, tot_ref, *, flags, w_before, decay_factor, n
     torch.testing.assert_close(tot_ours[:2], tot_ref[:2], rtol=1e-12, atol=0)
 
 
-
-
 def compare_ulps(ours, theirs, tot_ours, tot_ref, *, flags, w_before, ulps, n=0, m=0, dims=None):
     """The Triton backend's tolerance (tests/test_fused_step_triton.py) on rows: w, m and a live v
     within ``ulps`` of the reference (w: of the value or of the step's update), a frozen
@@ -213,6 +257,16 @@ def compare_ulps(ours, theirs, tot_ours, tot_ref, *, flags, w_before, ulps, n=0,
 # ---------------------------------------------------------------------------------------------
 # the Triton file's inputs: ties on a coarse grid, a preconditioner 1 / (sqrt(v) + 1e-3)
 # ---------------------------------------------------------------------------------------------
+
+
+# named recipes of make_case inputs: (masked, frozen, grad dtype, model dtype, precond dtype)
+RECIPES = {
+    "step2-fp32": (True, True, torch.float32, torch.float32, torch.float32),
+    "step2-bf16": (True, True, torch.bfloat16, torch.bfloat16, torch.bfloat16),
+    "step2-fp16": (True, True, torch.float16, torch.float16, torch.float32),
+    "srste-fp32": (True, False, torch.float32, torch.float32, torch.float32),
+    "srste-bf16": (True, False, torch.bfloat16, torch.bfloat16, torch.float32),
+}
 
 
 def make_case(shapes, *, frozen, grad_dtype, out_dtype, precond_dtype, device, seed, ties=True):
@@ -252,3 +306,139 @@ def run_to_completion(cmd, label, timeout, cwd=None):
         pytest.fail(f"{label} hung for {timeout} s:\n{out[-4000:]}")
     assert proc.returncode == 0, f"{label} failed:\n{out[-6000:]}"
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the N:M prune tests of every backend: inputs and bit comparisons
+# ---------------------------------------------------------------------------------------------
+
+
+def with_specials(w, seed):
+    """Ties (a coarse grid), NaN, -0.0 and +-inf scattered through ``w`` (float dtypes); for int8,
+    many ties and the extremes -128 and 127 (|-128| must be widened, not wrapped)."""
+    gen = torch.Generator().manual_seed(seed)
+    if not w.dtype.is_floating_point:
+        flat = (torch.randint(-4, 5, (w.numel(),), generator=gen) * 32).clamp(-128, 127)
+        return flat.reshape(w.shape).to(w.dtype)
+    flat = torch.round(torch.randn(w.numel(), generator=gen) * 2) / 2
+    picks = torch.randint(0, w.numel(), (max(1, w.numel() // 20),), generator=gen)
+    specials = torch.tensor([float("nan"), -0.0, float("inf"), -float("inf"), float("-nan")])
+    flat[picks] = specials[torch.arange(picks.numel()) % specials.numel()]
+    return flat.reshape(w.shape).to(w.dtype)
+
+
+def same_bits(a, b):
+    """Same dtype and the same bits (so +0.0 differs from -0.0 and NaN payloads count)."""
+    if a.dtype != b.dtype:
+        return False
+    if not a.dtype.is_floating_point:
+        return torch.equal(a, b)
+    view = {torch.float64: torch.int64, torch.float32: torch.int32}.get(a.dtype, torch.int16)
+    return torch.equal(a.view(view), b.view(view))
+
+
+def shapes_for(m):
+    """(shape, dim): last-dim groups of 1, 15 and 257 groups; first-dim (Conv1D) and middle-dim groups."""
+    return [((1, m), 1), ((15, m), -1), ((257 * m,), 0), ((2, 3 * m), 1), ((m, 15), 0), ((2 * m, 257), 0),
+            ((2, m, 3), 1)]
+
+
+# ---------------------------------------------------------------------------------------------
+# snapshots of a model and an optimizer, to show that a failed call changed nothing
+# ---------------------------------------------------------------------------------------------
+
+
+# ``snapshot(model, opt)`` copies everything a call could change: every parameter (values, dtype,
+# shape, strides, device), its grad, every buffer, the optimizer's per-parameter state (tensors
+# and Python values), its param groups (hyper-parameters, global keys, which parameters) and its
+# public attributes; ``snapshot_state_dict(sd)`` copies a state dict. ``assert_same(a, b)``
+# compares two snapshots bit for bit (NaNs equal to NaNs, -0.0 different from +0.0) and names the
+# first entry that differs.
+
+PUBLIC_ATTRS = ("recipe", "switch_step", "phase", "step_count", "backend", "precond_eps", "precond_dtype",
+                "total_steps")
+
+
+def _copy(value):
+    if isinstance(value, torch.Tensor):
+        t = value.detach()
+        if t.layout != torch.strided:  # a sparse grad: its layout and dense values
+            return ("tensor", t.dtype, tuple(t.shape), str(t.layout), str(t.device), t.to_dense())
+        return ("tensor", t.dtype, tuple(t.shape), t.stride(), str(t.device), t.clone())
+    return copy.deepcopy(value)
+
+
+def snapshot(model=None, opt=None):
+    """A nested dict of copies of ``model``'s parameters, grads and buffers and ``opt``'s state."""
+    out = {}
+    if model is not None:
+        out["params"] = {name: _copy(p) for name, p in model.named_parameters()}
+        out["grads"] = {name: _copy(p.grad) for name, p in model.named_parameters()}
+        out["buffers"] = {name: _copy(b) for name, b in model.named_buffers()}
+    if opt is not None:
+        params = [p for group in opt.param_groups for p in group["params"]]
+        out["opt_params"] = [_copy(p) for p in params]
+        out["opt_grads"] = [_copy(p.grad) for p in params]
+        out["state"] = [{key: _copy(value) for key, value in opt.state[p].items()} if p in opt.state else None
+                        for p in params]
+        # which tensors each group holds: the model's names for them (comparable across twin runs),
+        # else their identity
+        names = {id(p): name for name, p in model.named_parameters()} if model is not None else {}
+        out["param_groups"] = [{key: ([names.get(id(p), id(p)) for p in value] if key == "params" else _copy(value))
+                                for key, value in group.items()} for group in opt.param_groups]
+        out["attrs"] = {name: _copy(getattr(opt, name)) for name in PUBLIC_ATTRS if hasattr(opt, name)}
+    return out
+
+
+def snapshot_state_dict(state_dict):
+    """A copy of an optimizer ``state_dict()`` that :func:`assert_same` compares bit for bit."""
+    return {"state": {pid: {key: _copy(value) for key, value in entry.items()}
+                      for pid, entry in state_dict["state"].items()},
+            "param_groups": [{key: _copy(value) for key, value in group.items()}
+                             for group in state_dict["param_groups"]]}
+
+
+def _bits(t):
+    flat = t.reshape(-1)
+    return flat.view(torch.uint8) if flat.dtype != torch.bool else flat
+
+
+def _assert_value(a, b, where):
+    if isinstance(a, tuple) and a and a[0] == "tensor":
+        assert isinstance(b, tuple) and b and b[0] == "tensor", f"{where}: a tensor became {b!r}"
+        for label, x, y in zip(("dtype", "shape", "strides (or layout)", "device"), a[1:5], b[1:5]):
+            assert x == y, f"{where}: {label} changed from {x} to {y}"
+        if a[4] != "meta":  # meta tensors have no values
+            assert torch.equal(_bits(a[5]), _bits(b[5])), f"{where}: values changed"
+        return
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys changed from {sorted(map(str, a))} " \
+                                                         f"to {sorted(map(str, b)) if isinstance(b, dict) else b!r}"
+        for key in a:  # the order of keys is not state (torch's load_state_dict moves "params" last)
+            _assert_value(a[key], b[key], f"{where}[{key!r}]")
+        return
+    if isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), f"{where}: changed from {a!r} to {b!r}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_value(x, y, f"{where}[{i}]")
+        return
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return
+    assert type(a) is type(b) and a == b, f"{where}: changed from {a!r} to {b!r}"
+
+
+def _normalized(value):
+    """Tensors anywhere in ``value`` (dicts, lists, tuples) in the snapshot form ``_copy`` gives."""
+    if isinstance(value, torch.Tensor):
+        return _copy(value)
+    if isinstance(value, dict):
+        return {key: _normalized(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)) and not (isinstance(value, tuple) and value and value[0] == "tensor"):
+        return type(value)(_normalized(item) for item in value)
+    return value
+
+
+def assert_same(a, b, label="snapshot"):
+    """Assert that two snapshots (or tensors, or nests of them) are bit-identical; the message
+    names ``label`` and the first difference."""
+    _assert_value(_normalized(a), _normalized(b), label)

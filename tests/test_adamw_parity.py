@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import step_kernels as sk
-from helpers import assert_live_w, tiny_gpt
-from helpers_state import assert_same
+from helpers import assert_live_w, assert_same, tiny_gpt
 from step_kernels import ops
 from test_optimizer import batch
 

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 import step_kernels as sk
-from helpers import tiny_gpt
-from helpers_state import assert_same, snapshot
+from helpers import assert_same, snapshot, tiny_gpt
 from step_kernels import ops
 from test_optimizer import train_step
 

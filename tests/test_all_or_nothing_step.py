@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import step_kernels as sk
-from helpers_state import assert_same, snapshot
+from helpers import assert_same, snapshot
 
 BACKENDS = ["reference", "cpu", "triton"]
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nm_cases import same_bits, shapes_for, with_specials
+from helpers import same_bits, shapes_for, with_specials
 from step_kernels import _extension, ops
 from step_kernels import reference as ref
 

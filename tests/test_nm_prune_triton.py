@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import NM_SMALL as NM
-from nm_cases import same_bits, shapes_for, with_specials
+from helpers import same_bits, shapes_for, with_specials
 from step_kernels import ops
 from step_kernels import reference as ref
 

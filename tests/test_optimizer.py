@@ -310,7 +310,7 @@ def test_unfed_coordinates_of_a_fed_target_get_the_tensors_rms_preconditioner():
 def test_step_without_grads_changes_nothing_and_counts_nowhere(recipe, switch, backend):
     """As in torch's optimizers: no t, no AutoSwitch sample, no switch (at t = switch - 1 here),
     nothing written. A run with such steps interleaved equals a run without them."""
-    from helpers_state import assert_same, snapshot
+    from helpers import assert_same, snapshot
 
     skip_unavailable(backend)
     runs = []
@@ -707,6 +707,23 @@ def test_stats_keys_and_launch_counts():
 # ---------------------------------------------------------------------------------------------
 
 
+def four_steps(*, lr, before_step=None, pre_hook=None):
+    """Four steps of TwoBranch on the reference backend (the switch at step 2); ``before_step(opt,
+    step)`` runs before each, ``pre_hook`` is registered as a step pre-hook. Returns copies of the
+    parameters after them."""
+    model = TwoBranch()
+    opt = sk.STEP(sk.sparse_param_groups(model, exclude=[]), lr=lr, switch=2, backend="reference")
+    if pre_hook is not None:
+        opt.register_step_pre_hook(pre_hook)
+    for step in range(4):
+        if before_step is not None:
+            before_step(opt, step)
+        opt.zero_grad()
+        model.loss(step).backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
 def test_tensor_lr_is_one_element_as_in_torch():
     """A multi-element tensor lr is the ValueError torch's own AdamW raises; a one-element one
     steps exactly as the same float."""
@@ -716,15 +733,7 @@ def test_tensor_lr_is_one_element_as_in_torch():
     with pytest.raises(ValueError, match="Tensor lr must be 1-element") as ours:
         sk.STEP(params, lr=torch.tensor([1e-3, 1e-3]))
     assert type(ours.value) is type(peer_error.value)
-    runs = []
-    for lr in (3e-3, torch.tensor(3e-3, dtype=torch.float64)):
-        model = TwoBranch()
-        opt = sk.STEP(sk.sparse_param_groups(model, exclude=[]), lr=lr, switch=2, backend="reference")
-        for step in range(4):
-            opt.zero_grad()
-            model.loss(step).backward()
-            opt.step()
-        runs.append([p.detach().clone() for p in model.parameters()])
+    runs = [four_steps(lr=lr) for lr in (3e-3, torch.tensor(3e-3, dtype=torch.float64))]
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
@@ -755,24 +764,15 @@ def test_step_hooks_run_around_every_step():
 
 
 def test_a_pre_hook_that_sets_lr_acts_on_that_step():
-    runs = []
-    for via_hook in (False, True):
-        model = TwoBranch()
-        opt = sk.STEP(sk.sparse_param_groups(model, exclude=[]), lr=1e-2, switch=2, backend="reference")
-        if via_hook:
-            def decay_lr(o, args, kwargs):
-                for g in o.param_groups:
-                    g["lr"] = 1e-2 / (1 + o.step_count)
+    def by_hand(opt, step):
+        for g in opt.param_groups:
+            g["lr"] = 1e-2 / (1 + step)
 
-            opt.register_step_pre_hook(decay_lr)
-        for step in range(4):
-            if not via_hook:
-                for g in opt.param_groups:
-                    g["lr"] = 1e-2 / (1 + step)
-            opt.zero_grad()
-            model.loss(step).backward()
-            opt.step()
-        runs.append([p.detach().clone() for p in model.parameters()])
+    def decay_lr(o, args, kwargs):
+        for g in o.param_groups:
+            g["lr"] = 1e-2 / (1 + o.step_count)
+
+    runs = [four_steps(lr=1e-2, before_step=by_hand), four_steps(lr=1e-2, pre_hook=decay_lr)]
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
@@ -830,7 +830,7 @@ def test_repr_lists_every_group_and_its_hyper_parameters():
 def test_state_dict_is_deterministic_and_round_trips(backend):
     """Two identical runs give identical state dicts (keys, order, values, bit for bit); a state
     dict loaded into a fresh optimizer comes back out unchanged, and both continue identically."""
-    from helpers_state import assert_same, snapshot, snapshot_state_dict
+    from helpers import assert_same, snapshot, snapshot_state_dict
 
     def run():
         model = TwoBranch()
