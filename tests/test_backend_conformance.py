@@ -18,10 +18,8 @@ grids that came from the C++ file take CPU tensors (``cpu_backend``), the others
   tensor, and nothing written;
 - the STEP optimizer over 50 steps against the same optimizer on the reference backend.
 
-Two exceptions, both visible in the report: under the interpreter Triton skips the strided
-layouts of 4097 groups (minutes each; 257 groups take the same code path), and
-Triton's missing check that a model parameter is not its own master is a strict xfail (an open
-problem: when the check lands, the xfail fails until it is removed).
+One exception, visible in the report: under the interpreter Triton skips the strided layouts of
+4097 groups (minutes each; 257 groups take the same code path).
 
 The backend files keep what is backend-specific: tests/test_fused_step_cpu.py (the instruction-set
 override, bit-identical results at 1 and 2 threads per variant, the launch count, backend="auto"
@@ -577,7 +575,8 @@ BAD_INPUT = {
     "indivisible group dim 1": {
         "cpu": (ValueError, r"weights\[0\]: size 6 of dim 1 \(shape \[4, 6\]\) is not divisible by M=4"),
         "triton": (ValueError, r"weights\[0\]: size 6 of dim 1 \(shape \(4, 6\)\) is not divisible by M=4")},
-    "model param is master": {"cpu": (ValueError, r"model_params\[1\] is weights\[1\]"), "triton": None},
+    "model param is master": {"cpu": (ValueError, r"model_params\[1\] is weights\[1\]"),
+                              "triton": (ValueError, r"model_params\[1\] is weights\[1\]")},
     "bad N:M": {"cpu": (ValueError, r"N must satisfy 1 <= N < M, got N=4 M=4"),
                 "triton": (ValueError, r"N must satisfy 1 <= N < M=4, got 4")},
     "M not a power of two": {"cpu": (ValueError, "M must be a power of two"),
@@ -596,12 +595,8 @@ BAD_INPUT = {
 
 
 @pytest.mark.parametrize("kind", list(BAD_INPUT))
-def test_bad_input_names_the_tensor_and_changes_nothing(kind, cpu_backend, request):
-    expected = BAD_INPUT[kind][cpu_backend.op]
-    if expected is None:  # a known gap: strict, so the check landing makes this test fail until marked
-        request.applymarker(pytest.mark.xfail(strict=True, reason=f"backend {cpu_backend.op!r} does not check this"))
-        expected = BAD_INPUT[kind]["cpu"][0], None
-    err, match = expected
+def test_bad_input_names_the_tensor_and_changes_nothing(kind, cpu_backend):
+    err, match = BAD_INPUT[kind][cpu_backend.op]
     ts, flags, n, m, dims, found_inf = _bad_case(kind)
     before = clone(ts)
     with pytest.raises(err, match=match):

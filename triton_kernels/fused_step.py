@@ -303,6 +303,9 @@ def _check_lists(weights, grads, exp_avgs, second_moments, model_params, masked,
                 raise ValueError(f"{name} has shape {tuple(t.shape)} but weights[{i}] has {tuple(w.shape)}")
             if not t.is_contiguous():
                 raise ValueError(f"{name} is not contiguous (strides {t.stride()}); call .contiguous() first")
+        out = model_params[i]
+        if out is not None and (out is w or (w.numel() > 0 and out.data_ptr() == w.data_ptr())):
+            raise ValueError(f"model_params[{i}] is weights[{i}]; pass None when the master is the model parameter")
         for list_name, t, allowed, first in (
             ("weights", w, {torch.float32: None}, torch.float32),
             ("exp_avgs", exp_avgs[i], {torch.float32: None}, torch.float32),
