@@ -24,72 +24,129 @@
 
 using step_kernels::StepScalarsF;
 
-typedef int32_t v16i __attribute__((vector_size(64)));
+// Lanes of the selection's vectors: one register of the instruction set (AVX-512: 16, AVX2: 8,
+// the portable build: 4, the 128 bits of SSE2 and NEON). GCC vectors wider than the registers
+// are split by the compiler, and their shuffles become lane-crossing or scalar sequences.
+#if defined(STEP_CPU_AVX512)
+constexpr int kLanes = 16;
+#elif defined(STEP_CPU_AVX2)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
 
-// rank += [entry (i + S) mod M of the group beats entry i], for 16 lanes holding 16 / M groups.
-template <int M, int S>
-STEP_HOST_DEVICE void rank_add(const v16i& key, v16i& rank) {
-  const v16i lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  const v16i other = __builtin_shuffle(key, (lane & ~(M - 1)) | ((lane + S) & (M - 1)));
-  const v16i other_is_lower = (lane & (M - 1)) >= (M - S);  // -1 where (i + S) mod M < i, else 0
-  // beats: other > key, or other == key from a lower index. Keys are >= 0, so there the test
-  // other >= key is other > key - 1: one compare. Comparisons give -1 or 0.
-  rank -= other > key + other_is_lower;
+typedef int32_t vint __attribute__((vector_size(4 * kLanes)));
+typedef uint32_t vuint __attribute__((vector_size(4 * kLanes)));
+typedef uint16_t vhalf __attribute__((vector_size(2 * kLanes)));
+using LaneSeq = std::make_integer_sequence<int, kLanes>;
+
+// One unaligned load or store of a whole register. Not memcpy: GCC's generic tuning copies 32 bytes
+// as two 16-byte moves, and a 32-byte load of what two 16-byte stores just wrote stalls on store
+// forwarding (measured: AVX2 N:M selection 3x slower).
+typedef int32_t vint_mem __attribute__((vector_size(4 * kLanes), aligned(4), may_alias));
+typedef uint16_t vhalf_mem __attribute__((vector_size(2 * kLanes), aligned(2), may_alias));
+STEP_HOST_DEVICE vint load_vint(const void* p) { return *static_cast<const vint_mem*>(p); }
+STEP_HOST_DEVICE void store_vint(void* p, const vint& x) { *static_cast<vint_mem*>(p) = x; }
+
+// Lane i gets lane (i + S) mod G of its aligned block of G lanes (constant indices: one in-register
+// shuffle where the blocks fit in 128 bits).
+template <int G, int S, int... I>
+STEP_HOST_DEVICE vint rotate(const vint& x, std::integer_sequence<int, I...>) {
+  return __builtin_shufflevector(x, x, ((I & ~(G - 1)) | ((I + S) & (G - 1)))...);
 }
 
-template <int M, int... S>
-STEP_HOST_DEVICE v16i rank16(const v16i& key, std::integer_sequence<int, S...>) {
-  v16i rank = {};
-  (rank_add<M, S + 1>(key, rank), ...);
-  return rank;
+// -1 in lane i where lane (i + S) mod G of its block has the lower index, else 0.
+template <int G, int S, int... I>
+STEP_HOST_DEVICE vint wraps(std::integer_sequence<int, I...>) {
+  return vint{((I & (G - 1)) >= G - S ? -1 : 0)...};
 }
 
-typedef uint32_t v16u __attribute__((vector_size(64)));
-typedef uint16_t v16h __attribute__((vector_size(32)));
+// Selection keys of the weights' fp32 bits: |w| as an integer, NaN counted as +inf.
+STEP_HOST_DEVICE vint key_of(const vint& bits) {
+  const vint magnitude = bits & 0x7fffffff;
+  return magnitude > 0x7f800000 ? 0x7f800000 : magnitude;
+}
 
-// Where the selection pass also writes the model parameter (contiguous groups only).
-enum OutKind { kNoOut = 0, kOutF32 = 1, kOutBF16 = 2 };
-
-// kept[e] = 1 when entry e of the 16 lanes (16 / M groups of M consecutive weights) is among the
-// n winners of its group; `bits` are the weights' fp32 bits, the keys made in registers.
+// Group layout on vectors: a group of M consecutive weights spans kRegs registers (M > kLanes,
+// the cross-register case) or a block of kBlock lanes of one register.
 template <int M>
-STEP_HOST_DEVICE v16i keep16(const v16i& bits, int n) {
-  const v16i magnitude = bits & 0x7fffffff;
-  const v16i key = magnitude > 0x7f800000 ? 0x7f800000 : magnitude;  // NaN counts as +inf
+struct Groups {
+  static constexpr int kBlock = M < kLanes ? M : kLanes;
+  static constexpr int kRegs = M < kLanes ? 1 : M / kLanes;
+};
+
+// rank[A] += [lane of `other` beats lane of key[A]] for every register A of the group, where
+// `other` is register B rotated by S within blocks. The tie goes to the lower index: every lane of
+// B comes before A's when B < A, after when B > A, and within one register the rotation decides.
+// Keys are >= 0, so "other >= key" is "other > key - 1": one compare.
+template <int M, int B, int S, int... A>
+STEP_HOST_DEVICE void rank_add(const vint* key, vint* rank, const vint& other, std::integer_sequence<int, A...>) {
+  constexpr int G = Groups<M>::kBlock;
+  const vint minus_one = vint{} - 1;
+  ((A == B && S == 0 ? void()
+                     : void(rank[A] -= other > key[A] + (A > B   ? minus_one
+                                                         : A < B ? vint{}
+                                                                 : wraps<G, S>(LaneSeq{})))),
+   ...);
+}
+
+template <int M, int B, int... S>
+STEP_HOST_DEVICE void rank_from(const vint* key, vint* rank, std::integer_sequence<int, S...>) {
+  using Regs = std::make_integer_sequence<int, Groups<M>::kRegs>;
+  (rank_add<M, B, S>(key, rank, rotate<Groups<M>::kBlock, S>(key[B], LaneSeq{}), Regs{}), ...);
+}
+
+template <int M, int... B>
+STEP_HOST_DEVICE void rank_all(const vint* key, vint* rank, std::integer_sequence<int, B...>) {
+  (rank_from<M, B>(key, rank, std::make_integer_sequence<int, Groups<M>::kBlock>()), ...);
+}
+
+// kept[r] = 1 where an entry of the kRegs registers `bits` (fp32 bits of whole groups of M) is
+// among the n winners of its group: rank = how many entries of the group beat it, over every
+// rotation of every register of the group (M - 1 rotations and compares per entry).
+template <int M>
+STEP_HOST_DEVICE void keep_groups(const vint* bits, vint* kept, int n) {
+  constexpr int R = Groups<M>::kRegs;
+  vint key[R], rank[R];
+  for (int r = 0; r < R; ++r) {
+    key[r] = key_of(bits[r]);
+    rank[r] = vint{};
+  }
 #if defined(STEP_CPU_AVX512)
   if constexpr (M == 4) {
     // Two rotations and compares give the masks "entry i+1 beats i" (b1) and "entry i+2 beats i"
     // (b2). Of two entries exactly one beats the other, so "entry i-1 beats i" is b1 rotated and
     // complemented; the rank (0..3) is the bit count of the three masks, done in scalar registers,
     // which leaves the vector units about 8 operations per 16 weights instead of 18.
-    const v16i lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-    const v16i other1 = __builtin_shuffle(key, (lane & ~3) | ((lane + 1) & 3));
-    const v16i other2 = __builtin_shuffle(key, (lane & ~3) | ((lane + 2) & 3));
-    const v16i lower1 = (lane & 3) >= 3, lower2 = (lane & 3) >= 2;  // see rank_add
-    const uint32_t b1 = _mm512_cmpgt_epi32_mask((__m512i)other1, (__m512i)(key + lower1));
-    const uint32_t b2 = _mm512_cmpgt_epi32_mask((__m512i)other2, (__m512i)(key + lower2));
+    const vint other1 = rotate<4, 1>(key[0], LaneSeq{});
+    const vint other2 = rotate<4, 2>(key[0], LaneSeq{});
+    const vint lower1 = wraps<4, 1>(LaneSeq{}), lower2 = wraps<4, 2>(LaneSeq{});  // see rank_add
+    const uint32_t b1 = _mm512_cmpgt_epi32_mask((__m512i)other1, (__m512i)(key[0] + lower1));
+    const uint32_t b2 = _mm512_cmpgt_epi32_mask((__m512i)other2, (__m512i)(key[0] + lower2));
     const uint32_t b3 = ~(((b1 << 1) & 0xeeeeu) | ((b1 >> 3) & 0x1111u));
     const uint32_t beaten = n == 1 ? (b1 | b2 | b3) : n == 2 ? ((b1 & b2) | (b3 & (b1 | b2))) : (b1 & b2 & b3);
-    return (v16i)_mm512_maskz_set1_epi32(static_cast<__mmask16>(~beaten), 1);
+    kept[0] = (vint)_mm512_maskz_set1_epi32(static_cast<__mmask16>(~beaten), 1);
+    return;
   }
 #endif
-  const v16i rank = rank16<M>(key, std::make_integer_sequence<int, M - 1>());
-  return (rank < n) & 1;
+  rank_all<M>(key, rank, std::make_integer_sequence<int, R>());
+  for (int r = 0; r < R; ++r) kept[r] = (rank[r] < n) & 1;
 }
 
-// Writes the model parameter of 16 lanes: kept ? w : +0.0 (bf16: round to nearest even, NaN -> 0x7fc0).
+// Where the selection pass also writes the model parameter (contiguous groups only).
+enum OutKind { kNoOut = 0, kOutF32 = 1, kOutBF16 = 2 };
+
+// Writes the model parameter of one register: kept ? w : +0.0 (bf16: round to nearest even, NaN -> 0x7fc0).
 template <int OUT>
-STEP_HOST_DEVICE void store_out16(const v16i& bits, const v16i& kept, void* __restrict out) {
+STEP_HOST_DEVICE void store_out(const vint& bits, const vint& kept, void* __restrict out) {
   if constexpr (OUT == kOutF32) {
-    const v16i masked = bits & -kept;  // pruned: +0.0
-    std::memcpy(out, &masked, sizeof masked);
+    store_vint(out, bits & -kept);  // pruned: +0.0
   } else if constexpr (OUT == kOutBF16) {
-    const v16u u = reinterpret_cast<const v16u&>(bits);
-    v16u r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const vuint u = reinterpret_cast<const vuint&>(bits);
+    vuint r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
     r = (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : r;
-    r &= reinterpret_cast<const v16u&>(kept) * 0xffffu;
-    const v16h h = __builtin_convertvector(r, v16h);
-    std::memcpy(out, &h, sizeof h);
+    r &= reinterpret_cast<const vuint&>(kept) * 0xffffu;
+    *static_cast<vhalf_mem*>(out) = __builtin_convertvector(r, vhalf);
   }
 }
 
@@ -99,25 +156,22 @@ STEP_HOST_DEVICE void store_out16(const v16i& bits, const v16i& kept, void* __re
 template <int M, int OUT>
 inline int64_t select_contiguous_m(const float* __restrict w, int32_t* __restrict keep, int64_t len, int n,
                                    const int32_t* __restrict before, void* __restrict out) {
+  constexpr int R = Groups<M>::kRegs;
   int64_t e = 0;
-  v16i flips = {};
-  if constexpr (M <= 16) {
-    for (; e + 16 <= len; e += 16) {
-      v16i bits;
-      std::memcpy(&bits, w + e, sizeof bits);
-      const v16i kept = keep16<M>(bits, n);
-      std::memcpy(keep + e, &kept, sizeof kept);
-      if (before) {
-        v16i old;
-        std::memcpy(&old, before + e, sizeof old);
-        flips -= kept != old;
-      }
-      if constexpr (OUT == kOutF32) store_out16<OUT>(bits, kept, static_cast<float*>(out) + e);
-      if constexpr (OUT == kOutBF16) store_out16<OUT>(bits, kept, static_cast<uint16_t*>(out) + e);
+  vint flips = {};
+  for (; e + R * kLanes <= len; e += R * kLanes) {
+    vint bits[R], kept[R];
+    for (int r = 0; r < R; ++r) bits[r] = load_vint(w + e + r * kLanes);
+    keep_groups<M>(bits, kept, n);
+    for (int r = 0; r < R; ++r) {
+      store_vint(keep + e + r * kLanes, kept[r]);
+      if (before) flips -= kept[r] != load_vint(before + e + r * kLanes);
+      if constexpr (OUT == kOutF32) store_out<OUT>(bits[r], kept[r], static_cast<float*>(out) + e + r * kLanes);
+      if constexpr (OUT == kOutBF16) store_out<OUT>(bits[r], kept[r], static_cast<uint16_t*>(out) + e + r * kLanes);
     }
   }
   int64_t count = 0;
-  for (int i = 0; i < 16; ++i) count += flips[i];
+  for (int i = 0; i < kLanes; ++i) count += flips[i];
   for (; e < len; e += M) {
     int32_t key[M];
     for (int i = 0; i < M; ++i) key[i] = step_kernels::nm_key_bits(w[e + i]);
@@ -203,6 +257,15 @@ inline float load_f32(float x) { return x; }
 inline float load_f32(BF16 x) { return step_kernels::f32_from_bf16(x.bits); }
 inline float load_f32(F16 x) { return step_kernels::f32_from_f16(x.bits); }
 
+// The fused multiply-add of the update: the AVX-512 and AVX2 variants (x86-64-v3 and up) and any
+// target the compiler knows to have one (aarch64, -mfma) use the instruction; the x86-64 baseline
+// has none, and emulates it exactly in vectorizable double arithmetic (fused_step.h, FmaSoft).
+#if defined(STEP_CPU_AVX512) || defined(STEP_CPU_AVX2) || defined(__FP_FAST_FMAF) || !defined(__x86_64__)
+using Fma = step_kernels::FmaHw;
+#else
+using Fma = step_kernels::FmaSoft;
+#endif
+
 // The update of one segment, in place; grads and a frozen p are widened as they are read.
 // Returns the AutoSwitch sums in `stats` when STATS.
 template <class G, class S, bool MASKED, bool FROZEN, bool SCALE, bool STATS>
@@ -214,7 +277,7 @@ inline void update_segment(float* __restrict w, const G* __restrict g, float* __
   for (int64_t e = 0; e < len; ++e) {
     float we = w[e], me = m[e], se = load_f32(second[e]);
     const float ge = SCALE ? load_f32(g[e]) / scale : load_f32(g[e]);
-    const float dv = step_kernels::step_element<MASKED, FROZEN>(we, ge, me, se, MASKED && keep_old[e] != 0, s);
+    const float dv = step_kernels::step_element<MASKED, FROZEN, Fma>(we, ge, me, se, MASKED && keep_old[e] != 0, s);
     w[e] = we;
     m[e] = me;
     if constexpr (!FROZEN) second[e] = se;
