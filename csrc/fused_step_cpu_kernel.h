@@ -101,6 +101,30 @@ STEP_HOST_DEVICE void rank_all(const vint* key, vint* rank, std::integer_sequenc
   (rank_from<M, B>(key, rank, std::make_integer_sequence<int, Groups<M>::kBlock>()), ...);
 }
 
+// -1 in lane i where entry (i + S) mod M of its group beats entry i (groups in blocks of M lanes).
+template <int M, int S>
+STEP_HOST_DEVICE vint beats(const vint& key) {
+  return rotate<M, S>(key, LaneSeq{}) > key + wraps<M, S>(LaneSeq{});
+}
+
+// Of two entries exactly one beats the other, so "entry i - S beats i" is "entry i beats i - S"
+// negated: beats<M, M - S> = ~rotate<M, M - S>(beats<M, S>). Returns, for S < M / 2, both terms
+// of the rank: -beats<S> + (1 + rotate(beats<S>)) less the 1, which rank_in_register adds back.
+template <int M, int S>
+STEP_HOST_DEVICE vint rank_pair(const vint& key) {
+  const vint c = beats<M, S>(key);
+  return rotate<M, M - S>(c, LaneSeq{}) - c;
+}
+
+// rank - (M / 2 - 1) of each entry of groups within a register (M <= kLanes): the compares of the
+// rotations 1 .. M / 2 only, the others by rank_pair's symmetry (M = 8: 4 compares instead of 7).
+template <int M, int... S>
+STEP_HOST_DEVICE vint rank_in_register(const vint& key, std::integer_sequence<int, S...>) {
+  vint r = -beats<M, M / 2>(key);
+  ((r += rank_pair<M, S + 1>(key)), ...);
+  return r;
+}
+
 // kept[r] = 1 where an entry of the kRegs registers `bits` (fp32 bits of whole groups of M) is
 // among the n winners of its group: rank = how many entries of the group beat it, over every
 // rotation of every register of the group (M - 1 rotations and compares per entry).
@@ -129,6 +153,11 @@ STEP_HOST_DEVICE void keep_groups(const vint* bits, vint* kept, int n) {
     return;
   }
 #endif
+  if constexpr (R == 1) {
+    const vint r = rank_in_register<M>(key[0], std::make_integer_sequence<int, M / 2 - 1>());
+    kept[0] = (r < n - (M / 2 - 1)) & 1;
+    return;
+  }
   rank_all<M>(key, rank, std::make_integer_sequence<int, R>());
   for (int r = 0; r < R; ++r) kept[r] = (rank[r] < n) & 1;
 }
