@@ -83,7 +83,8 @@ STEP_HOST_DEVICE uint16_t f16_from_f32(float x) {
   const uint32_t exp_bits = (bits >> 13) & 0x00007c00u;
   const uint32_t mantissa_bits = bits & 0x00000fffu;
   const uint32_t nonsign = exp_bits + mantissa_bits;
-  return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xff000000u ? 0x7e00u : nonsign));
+  const uint32_t is_nan = 0u - static_cast<uint32_t>(shl1_w > 0xff000000u);  // a mask: see srste_grad
+  return static_cast<uint16_t>((sign >> 16) | (0x7e00u & is_nan) | (nonsign & ~is_nan));
 }
 
 // fp16 bits -> fp32, exact (c10's fp16_ieee_to_fp32_value).
@@ -94,8 +95,8 @@ STEP_HOST_DEVICE float f32_from_f16(uint16_t h) {
   const float exp_scale = f32_from_bits(0x07800000u);  // 2^-112
   const float normalized = f32_from_bits((two_w >> 4) + (0xe0u << 23)) * exp_scale;
   const float denormalized = f32_from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
-  const uint32_t result = sign | (two_w < (1u << 27) ? f32_bits(denormalized) : f32_bits(normalized));
-  return f32_from_bits(result);
+  const uint32_t is_denormal = 0u - static_cast<uint32_t>(two_w < (1u << 27));  // a mask: see srste_grad
+  return f32_from_bits(sign | (f32_bits(denormalized) & is_denormal) | (f32_bits(normalized) & ~is_denormal));
 }
 
 // SR-STE gradient: the decay term is added on pruned entries only; kept entries get g + 0. The
@@ -131,8 +132,8 @@ struct FmaSoft {
     const double half = sum - near;   // exact; +-half an ulp of near when sum is a tie
     const double other = sum + half;  // the other float next to sum when sum is a tie
     // bitwise &, not &&: the loops that call this stay free of branches
-    const bool wrong = (err * half > 0.0) & (std::fabs(half) < INFINITY) &
-                       (static_cast<double>(static_cast<float>(other)) == other);
+    const bool wrong =
+        (err * half > 0.0) & (std::fabs(half) < INFINITY) & (static_cast<double>(static_cast<float>(other)) == other);
     return static_cast<float>(wrong ? other : near);
   }
 };

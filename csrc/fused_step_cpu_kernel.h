@@ -8,13 +8,34 @@
 // Block size: each chunk is cut into tiles of kTile = 256 elements (1 KB per fp32 stream). A tile
 // is read from memory once and its passes (old selection, update, new selection + write) run out
 // of L1; tiles this short keep every stream advancing together, so the hardware prefetchers keep
-// up (2048-element tiles ran 1.5-2x slower), and longer than 128 to amortize the calls. Selection
-// of contiguous groups (M <= 16) runs on 16 lanes with in-group rotations (M - 1 shuffles and
-// compares per 16 weights; N:4 on AVX-512: 2, with the rank counted on bit masks, see keep16);
-// strided groups (Conv1D) rank across rows with lanes over columns. At 1 thread phase 2 is bound
-// by these vector operations more than by its bytes. A one-pass loop per 16 weights (old mask,
-// update, new mask and model parameter in registers) measured faster on fresh tensors but 1.4x
-// slower inside the STEP optimizer, so the tile keeps its passes.
+// up (2048-element tiles ran 1.5-2x slower), and longer than 128 to amortize the calls. At 1 thread
+// phase 2 is bound by the selection's vector operations more than by its bytes. A one-pass loop
+// per register of weights (old mask, update, new mask and model parameter in registers) measured
+// faster on fresh tensors but 1.4x slower inside the STEP optimizer, so the tile keeps its passes.
+//
+// Selection of contiguous groups runs on vectors of one register (kLanes int32: 16 on AVX-512, 8
+// on AVX2, 4 in the portable build). Chosen because GCC vectors wider than the ISA's registers
+// are split by the compiler and their shuffles lowered to lane-crossing or scalar sequences. A
+// group of M <= kLanes is ranked within its register: M / 2 rotations and compares, the other
+// M / 2 - 1 relations by symmetry (rank_pair; N:8 on AVX2: 7 shuffles and 15 integer operations per
+// 8 weights instead of 7 and 21; 1:8 phase 2 then measured 0.96x torch's fused AdamW at
+// ATEN_CPU_CAPABILITY=avx2 and 2:4 0.79x, thread CPU time, 4M weights, loaded machine); N:4 on
+// AVX-512 counts the rank on bit masks (keep_groups). M > kLanes (16 and 32 on AVX2, 8-32 in the
+// portable build) ranks across the M / kLanes registers of a group: every rotation of every
+// register against every register (M - 1 compares per weight). Strided groups (Conv1D) rank across
+// rows with lanes over columns. What made AVX2 phase 2 13x slower than fused AdamW before was not
+// the arithmetic: memcpy of 32 bytes (two 16-byte moves under GCC's generic tuning, then a stalled
+// 32-byte reload; load_vint), and the SR-STE decay under a condition (not if-converted without
+// AVX-512 masks, so the update did not vectorize; srste_grad in fused_step.h).
+//
+// The portable build (x86-64 baseline = SSE2, aarch64 = NEON, any GCC or clang target) is the same
+// code: GCC vector extensions with constant-index __builtin_shufflevector, which GCC >= 12 and
+// clang both accept, and no intrinsics (those stay under STEP_CPU_AVX512). Not at::vec::Vectorized:
+// the selection needs in-register shuffles by constant indices, which it does not offer, and the
+// element-wise update already vectorizes from plain loops. Its phase 1 was 6.5x slower than fused
+// AdamW at ATEN_CPU_CAPABILITY=default because x86-64 without FMA calls the library's fmaf per
+// element; it uses FmaSoft (fused_step.h), exact fmaf in double arithmetic that vectorizes with
+// SSE2 (phase 1 0.99x, phase 2 2:4 0.50x of torch's default-capability fused AdamW, 4M weights).
 //
 // This file has no include guard on purpose: fused_step_cpu.cpp includes it once per instruction
 // set, inside a namespace and a `#pragma GCC target` region, so the compiler vectorizes it for

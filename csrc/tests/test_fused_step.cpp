@@ -46,8 +46,15 @@ int main() {
   CHECK_EQ(f16_from_f32(std::ldexp(3.0f, -26)), 0x0001u);  // above the tie
   CHECK_EQ(f16_from_f32(-2.0f), 0xc000u);
   CHECK_EQ(f16_from_f32(-NAN), 0xfe00u);
-  for (uint32_t h = 0; h < 0x7c00u; h += 7)  // every 7th finite half round-trips exactly
+  for (uint32_t h = 0; h < 0x7c00u; ++h) {  // every finite half, both signs: its value, and back exactly
+    const uint32_t e = h >> 10, f = h & 0x3ffu;
+    const float value =
+        e == 0 ? std::ldexp(static_cast<float>(f), -24) : std::ldexp(static_cast<float>(1024 + f), e - 25);
+    CHECK_EQ(f32_from_f16(static_cast<uint16_t>(h)), value);
+    CHECK_EQ(f32_from_f16(static_cast<uint16_t>(h | 0x8000u)), -value);
     CHECK_EQ(f16_from_f32(f32_from_f16(static_cast<uint16_t>(h))), h);
+    CHECK_EQ(f16_from_f32(f32_from_f16(static_cast<uint16_t>(h | 0x8000u))), h | 0x8000u);
+  }
 
   // selection keys order like |x|, NaN ties with +inf
   CHECK_EQ(nm_key_bits(-0.0f), nm_key_bits(0.0f));
@@ -107,8 +114,7 @@ int main() {
     const auto check_fma = [&mismatches](float a, float b, float c) {
       const float got = FmaSoft::fma(a, b, c), want = std::fma(a, b, c);
       if (f32_bits(got) != f32_bits(want) && !(got != got && want != want)) {
-        if (mismatches++ < 5)
-          std::printf("FAIL FmaSoft::fma(%a, %a, %a) = %a, fmaf gives %a\n", a, b, c, got, want);
+        if (mismatches++ < 5) std::printf("FAIL FmaSoft::fma(%a, %a, %a) = %a, fmaf gives %a\n", a, b, c, got, want);
       }
     };
     for (int i = 0; i < 2000000; ++i) {
@@ -122,9 +128,10 @@ int main() {
       const float c = from_bits((next() & 0x807fffffu) | ((0x60u + (next() & 0x3fu)) << 23));
       const int k = static_cast<int>(next() % 64);
       const float half = std::ldexp(1.0f, std::ilogb(c) - 24);  // half an ulp of c
-      const float up = 1.0f + std::ldexp(static_cast<float>(k), -23), down = 1.0f - std::ldexp(static_cast<float>(k), -23);
-      check_fma(up, half * down, c);     // |p| = half (1 - k^2 2^-46): the exact value short of the tie
-      check_fma(-up, half * down, c);    // toward zero
+      const float up = 1.0f + std::ldexp(static_cast<float>(k), -23),
+                  down = 1.0f - std::ldexp(static_cast<float>(k), -23);
+      check_fma(up, half * down, c);   // |p| = half (1 - k^2 2^-46): the exact value short of the tie
+      check_fma(-up, half * down, c);  // toward zero
       check_fma(up, half * down, -c);
       check_fma(up, -half * down, -c);
     }
