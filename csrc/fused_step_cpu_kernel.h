@@ -18,9 +18,10 @@
 // are split by the compiler and their shuffles lowered to lane-crossing or scalar sequences. A
 // group of M <= kLanes is ranked within its register: M / 2 rotations and compares, the other
 // M / 2 - 1 relations by symmetry (rank_pair; N:8 on AVX2: 7 shuffles and 15 integer operations per
-// 8 weights instead of 7 and 21; 1:8 phase 2 then measured 0.96x torch's fused AdamW at
-// ATEN_CPU_CAPABILITY=avx2 and 2:4 0.79x, thread CPU time, 4M weights, loaded machine); N:4 on
-// AVX-512 counts the rank on bit masks (keep_groups). M > kLanes (16 and 32 on AVX2, 8-32 in the
+// 8 weights instead of 7 and 21). Phase 2 on AVX2, one 4M-weight tensor, thread CPU time, 3 runs on
+// a loaded machine, x torch's fused AdamW at ATEN_CPU_CAPABILITY=avx2: 2:4 1.11-1.19x, 1:8
+// 1.51-1.70x (the old and the new selection: 14 shuffles per 8 weights per step); N:4 on AVX-512
+// counts the rank on bit masks (keep_groups). M > kLanes (16 and 32 on AVX2, 8-32 in the
 // portable build) ranks across the M / kLanes registers of a group: every rotation of every
 // register against every register (M - 1 compares per weight). Strided groups (Conv1D) rank across
 // rows with lanes over columns. What made AVX2 phase 2 13x slower than fused AdamW before was not
@@ -35,7 +36,7 @@
 // element-wise update already vectorizes from plain loops. Its phase 1 was 6.5x slower than fused
 // AdamW at ATEN_CPU_CAPABILITY=default because x86-64 without FMA calls the library's fmaf per
 // element; it uses FmaSoft (fused_step.h), exact fmaf in double arithmetic that vectorizes with
-// SSE2 (phase 1 0.99x, phase 2 2:4 0.50x of torch's default-capability fused AdamW, 4M weights).
+// SSE2 (phase 2 2:4 0.49-0.50x torch's fused AdamW at ATEN_CPU_CAPABILITY=default, same runs).
 //
 // This file has no include guard on purpose: fused_step_cpu.cpp includes it once per instruction
 // set, inside a namespace and a `#pragma GCC target` region, so the compiler vectorizes it for
