@@ -83,7 +83,8 @@ STEP_HOST_DEVICE uint16_t f16_from_f32(float x) {
   const uint32_t exp_bits = (bits >> 13) & 0x00007c00u;
   const uint32_t mantissa_bits = bits & 0x00000fffu;
   const uint32_t nonsign = exp_bits + mantissa_bits;
-  return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xff000000u ? 0x7e00u : nonsign));
+  const uint32_t is_nan = 0u - static_cast<uint32_t>(shl1_w > 0xff000000u);  // a mask: see srste_grad
+  return static_cast<uint16_t>((sign >> 16) | (0x7e00u & is_nan) | (nonsign & ~is_nan));
 }
 
 // fp16 bits -> fp32, exact (c10's fp16_ieee_to_fp32_value).
@@ -94,21 +95,57 @@ STEP_HOST_DEVICE float f32_from_f16(uint16_t h) {
   const float exp_scale = f32_from_bits(0x07800000u);  // 2^-112
   const float normalized = f32_from_bits((two_w >> 4) + (0xe0u << 23)) * exp_scale;
   const float denormalized = f32_from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
-  const uint32_t result = sign | (two_w < (1u << 27) ? f32_bits(denormalized) : f32_bits(normalized));
-  return f32_from_bits(result);
+  const uint32_t is_denormal = 0u - static_cast<uint32_t>(two_w < (1u << 27));  // a mask: see srste_grad
+  return f32_from_bits(sign | (f32_bits(denormalized) & is_denormal) | (f32_bits(normalized) & ~is_denormal));
 }
 
-// SR-STE gradient: the decay term is added on pruned entries only; kept entries get g + 0.
+// SR-STE gradient: the decay term is added on pruned entries only; kept entries get g + 0. The
+// product is computed for every entry and kept entries clear its bits (+0.0): a float operation
+// under a condition may raise an FP exception the unconditional code would not, so GCC (no
+// -fno-trapping-math) keeps it behind a branch, and the loop vectorizes only with AVX-512's masks.
 STEP_HOST_DEVICE float srste_grad(float g, float w, bool keep_old, float srste_decay) {
-  return g + (keep_old ? 0.0f : srste_decay * w);
+  const uint32_t decay = f32_bits(srste_decay * w) & (keep_old ? 0u : 0xffffffffu);
+  return g + f32_from_bits(decay);
 }
 
+// fmaf, correctly rounded: the hardware's fused multiply-add where the target has one.
+struct FmaHw {
+  STEP_HOST_DEVICE static float fma(float a, float b, float c) { return fmaf(a, b, c); }
+};
+
+// fmaf, correctly rounded, for a target without an FMA unit (x86-64 before AVX2), where fmaf is a
+// library call per element that no loop vectorizes. The product of two floats is exact in double
+// and TwoSum gives the exact error of the double sum, so the only wrong case of rounding the sum to
+// float is a double rounding: the sum lands exactly halfway between two floats while the exact value
+// lies beyond that point (err has the sign of sum - near); then the answer is the other float,
+// sum + (sum - near), which is exact. Only double compares and selects (no integer view of a
+// double, which SSE2 cannot select on), so loops of it vectorize; NaN and inf inputs fail every
+// compare and pass through the double sum as through fmaf.
+struct FmaSoft {
+  STEP_HOST_DEVICE static float fma(float a, float b, float c) {
+    const double p = static_cast<double>(a) * static_cast<double>(b);
+    const double cd = static_cast<double>(c);
+    const double sum = p + cd;
+    const double bv = sum - p;
+    const double err = (p - (sum - bv)) + (cd - bv);  // sum + err == p + c exactly
+    const double near = static_cast<double>(static_cast<float>(sum));
+    const double half = sum - near;   // exact; +-half an ulp of near when sum is a tie
+    const double other = sum + half;  // the other float next to sum when sum is a tie
+    // bitwise &, not &&: the loops that call this stay free of branches
+    const bool wrong =
+        (err * half > 0.0) & (std::fabs(half) < INFINITY) & (static_cast<double>(static_cast<float>(other)) == other);
+    return static_cast<float>(wrong ? other : near);
+  }
+};
+
+template <class Fma = FmaHw>
 STEP_HOST_DEVICE float adam_exp_avg(float m, float g, const StepScalarsF& s) {
-  return fmaf(s.one_minus_beta1, g - m, m);
+  return Fma::fma(s.one_minus_beta1, g - m, m);
 }
 
+template <class Fma = FmaHw>
 STEP_HOST_DEVICE float adam_exp_avg_sq(float v, float g, const StepScalarsF& s) {
-  return fmaf(s.one_minus_beta2 * g, g, v * s.beta2);
+  return Fma::fma(s.one_minus_beta2 * g, g, v * s.beta2);
 }
 
 // w (already decayed) after the Adam update with the live second moment v.
@@ -123,17 +160,18 @@ STEP_HOST_DEVICE float adam_update_frozen(float w, float m, float p, const StepS
 
 // The whole update of one element, in place on w, m and (when live) v. Returns |v_new - v_old|
 // in fp32 (the AutoSwitch term; 0 when frozen). `second` is v, or p when frozen (read only).
-template <bool MASKED, bool FROZEN>
+// Fma: FmaHw, or FmaSoft where the target has no FMA unit (the same results).
+template <bool MASKED, bool FROZEN, class Fma = FmaHw>
 STEP_HOST_DEVICE float step_element(float& w, float g, float& m, float& second, bool keep_old, const StepScalarsF& s) {
   if (MASKED) g = srste_grad(g, w, keep_old, s.srste_decay);
   float wd = w * s.decay_factor;
-  m = adam_exp_avg(m, g, s);
+  m = adam_exp_avg<Fma>(m, g, s);
   if (FROZEN) {
     w = adam_update_frozen(wd, m, second, s);
     return 0.0f;
   }
   const float v_old = second;
-  second = adam_exp_avg_sq(v_old, g, s);
+  second = adam_exp_avg_sq<Fma>(v_old, g, s);
   w = adam_update_live(wd, m, second, s);
   return fabsf(second - v_old);
 }

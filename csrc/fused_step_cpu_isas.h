@@ -48,9 +48,11 @@ namespace isa_avx512 {
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v3")
 #endif
+#define STEP_CPU_AVX2 1  // nor __AVX2__ and __FMA__: the kernel's 8-lane selection and fmaf
 namespace isa_avx2 {
 #include "fused_step_cpu_kernel.h"
 }  // namespace isa_avx2
+#undef STEP_CPU_AVX2
 #if defined(__clang__)
 #pragma clang attribute pop
 #else

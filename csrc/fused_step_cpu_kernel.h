@@ -8,13 +8,35 @@
 // Block size: each chunk is cut into tiles of kTile = 256 elements (1 KB per fp32 stream). A tile
 // is read from memory once and its passes (old selection, update, new selection + write) run out
 // of L1; tiles this short keep every stream advancing together, so the hardware prefetchers keep
-// up (2048-element tiles ran 1.5-2x slower), and longer than 128 to amortize the calls. Selection
-// of contiguous groups (M <= 16) runs on 16 lanes with in-group rotations (M - 1 shuffles and
-// compares per 16 weights; N:4 on AVX-512: 2, with the rank counted on bit masks, see keep16);
-// strided groups (Conv1D) rank across rows with lanes over columns. At 1 thread phase 2 is bound
-// by these vector operations more than by its bytes. A one-pass loop per 16 weights (old mask,
-// update, new mask and model parameter in registers) measured faster on fresh tensors but 1.4x
-// slower inside the STEP optimizer, so the tile keeps its passes.
+// up (2048-element tiles ran 1.5-2x slower), and longer than 128 to amortize the calls. At 1 thread
+// phase 2 is bound by the selection's vector operations more than by its bytes. A one-pass loop
+// per register of weights (old mask, update, new mask and model parameter in registers) measured
+// faster on fresh tensors but 1.4x slower inside the STEP optimizer, so the tile keeps its passes.
+//
+// Selection of contiguous groups runs on vectors of one register (kLanes int32: 16 on AVX-512, 8
+// on AVX2, 4 in the portable build). Chosen because GCC vectors wider than the ISA's registers
+// are split by the compiler and their shuffles lowered to lane-crossing or scalar sequences. A
+// group of M <= kLanes is ranked within its register: M / 2 rotations and compares, the other
+// M / 2 - 1 relations by symmetry (rank_pair; N:8 on AVX2: 7 shuffles and 15 integer operations per
+// 8 weights instead of 7 and 21). Phase 2 on AVX2, one 4M-weight tensor, thread CPU time, 3 runs on
+// a loaded machine, x torch's fused AdamW at ATEN_CPU_CAPABILITY=avx2: 2:4 1.11-1.19x, 1:8
+// 1.51-1.70x (the old and the new selection: 14 shuffles per 8 weights per step); N:4 on AVX-512
+// counts the rank on bit masks (keep_groups). M > kLanes (16 and 32 on AVX2, 8-32 in the
+// portable build) ranks across the M / kLanes registers of a group: every rotation of every
+// register against every register (M - 1 compares per weight). Strided groups (Conv1D) rank across
+// rows with lanes over columns. What made AVX2 phase 2 13x slower than fused AdamW before was not
+// the arithmetic: memcpy of 32 bytes (two 16-byte moves under GCC's generic tuning, then a stalled
+// 32-byte reload; load_vint), and the SR-STE decay under a condition (not if-converted without
+// AVX-512 masks, so the update did not vectorize; srste_grad in fused_step.h).
+//
+// The portable build (x86-64 baseline = SSE2, aarch64 = NEON, any GCC or clang target) is the same
+// code: GCC vector extensions with constant-index __builtin_shufflevector, which GCC >= 12 and
+// clang both accept, and no intrinsics (those stay under STEP_CPU_AVX512). Not at::vec::Vectorized:
+// the selection needs in-register shuffles by constant indices, which it does not offer, and the
+// element-wise update already vectorizes from plain loops. Its phase 1 was 6.5x slower than fused
+// AdamW at ATEN_CPU_CAPABILITY=default because x86-64 without FMA calls the library's fmaf per
+// element; it uses FmaSoft (fused_step.h), exact fmaf in double arithmetic that vectorizes with
+// SSE2 (phase 2 2:4 0.49-0.50x torch's fused AdamW at ATEN_CPU_CAPABILITY=default, same runs).
 //
 // This file has no include guard on purpose: fused_step_cpu_isas.h includes it once per
 // instruction set, inside a namespace and a target region (GCC's pragma or clang's attribute), so
@@ -22,91 +44,166 @@
 // time. It includes nothing (the includer provides <algorithm>, <cstdint>, <cstring>, <utility>,
 // fused_step.h and fused_step_cpu_plan.h), so no library code is compiled for a wider ISA than the
 // CPU's. Vector shuffles use __builtin_shufflevector (constant indices; GCC >= 12 and clang), not
-// GCC's __builtin_shuffle, which clang lacks (older GCC keeps it: rotate_in_groups).
+// GCC's __builtin_shuffle, which clang lacks (older GCC keeps it: rotate).
 
 using step_kernels::StepScalarsF;
 
-typedef int32_t v16i __attribute__((vector_size(64)));
+// Lanes of the selection's vectors: one register of the instruction set (AVX-512: 16, AVX2: 8,
+// the portable build: 4, the 128 bits of SSE2 and NEON). GCC vectors wider than the registers
+// are split by the compiler, and their shuffles become lane-crossing or scalar sequences.
+#if defined(STEP_CPU_AVX512)
+constexpr int kLanes = 16;
+#elif defined(STEP_CPU_AVX2)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
 
-// Lane i of the result is lane (i + S) mod M of i's group of M lanes: a rotation within groups.
-template <int M, int S, int... I>
-STEP_HOST_DEVICE v16i rotate_in_groups(const v16i& v, std::integer_sequence<int, I...>) {
+typedef int32_t vint __attribute__((vector_size(4 * kLanes)));
+typedef uint32_t vuint __attribute__((vector_size(4 * kLanes)));
+typedef uint16_t vhalf __attribute__((vector_size(2 * kLanes)));
+using LaneSeq = std::make_integer_sequence<int, kLanes>;
+
+// One unaligned load or store of a whole register. Not memcpy: GCC's generic tuning copies 32 bytes
+// as two 16-byte moves, and a 32-byte load of what two 16-byte stores just wrote stalls on store
+// forwarding (measured: AVX2 N:M selection 3x slower).
+typedef int32_t vint_mem __attribute__((vector_size(4 * kLanes), aligned(4), may_alias));
+typedef uint16_t vhalf_mem __attribute__((vector_size(2 * kLanes), aligned(2), may_alias));
+STEP_HOST_DEVICE vint load_vint(const void* p) { return *static_cast<const vint_mem*>(p); }
+STEP_HOST_DEVICE void store_vint(void* p, const vint& x) { *static_cast<vint_mem*>(p) = x; }
+
+// Lane i gets lane (i + S) mod G of its aligned block of G lanes (constant indices: one in-register
+// shuffle where the blocks fit in 128 bits).
+template <int G, int S, int... I>
+STEP_HOST_DEVICE vint rotate(const vint& x, std::integer_sequence<int, I...>) {
 #if defined(__clang__) || __GNUC__ >= 12
-  return __builtin_shufflevector(v, v, ((I & ~(M - 1)) | ((I + S) & (M - 1)))...);
+  return __builtin_shufflevector(x, x, ((I & ~(G - 1)) | ((I + S) & (G - 1)))...);
 #else  // GCC before 12 has only its own shuffle
-  return __builtin_shuffle(v, v16i{((I & ~(M - 1)) | ((I + S) & (M - 1)))...});
+  return __builtin_shuffle(x, vint{((I & ~(G - 1)) | ((I + S) & (G - 1)))...});
 #endif
 }
 
-template <int M, int S>
-STEP_HOST_DEVICE v16i rotate_in_groups(const v16i& v) {
-  return rotate_in_groups<M, S>(v, std::make_integer_sequence<int, 16>());
+// -1 in lane i where lane (i + S) mod G of its block has the lower index, else 0.
+template <int G, int S, int... I>
+STEP_HOST_DEVICE vint wraps(std::integer_sequence<int, I...>) {
+  return vint{((I & (G - 1)) >= G - S ? -1 : 0)...};
 }
 
-// rank += [entry (i + S) mod M of the group beats entry i], for 16 lanes holding 16 / M groups.
-template <int M, int S>
-STEP_HOST_DEVICE void rank_add(const v16i& key, v16i& rank) {
-  const v16i lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  const v16i other = rotate_in_groups<M, S>(key);
-  const v16i other_is_lower = (lane & (M - 1)) >= (M - S);  // -1 where (i + S) mod M < i, else 0
-  // beats: other > key, or other == key from a lower index. Keys are >= 0, so there the test
-  // other >= key is other > key - 1: one compare. Comparisons give -1 or 0.
-  rank -= other > key + other_is_lower;
+// Selection keys of the weights' fp32 bits: |w| as an integer, NaN counted as +inf.
+STEP_HOST_DEVICE vint key_of(const vint& bits) {
+  const vint magnitude = bits & 0x7fffffff;
+  return magnitude > 0x7f800000 ? 0x7f800000 : magnitude;
 }
 
-template <int M, int... S>
-STEP_HOST_DEVICE v16i rank16(const v16i& key, std::integer_sequence<int, S...>) {
-  v16i rank = {};
-  (rank_add<M, S + 1>(key, rank), ...);
-  return rank;
-}
-
-typedef uint32_t v16u __attribute__((vector_size(64)));
-typedef uint16_t v16h __attribute__((vector_size(32)));
-
-// Where the selection pass also writes the model parameter (contiguous groups only).
-enum OutKind { kNoOut = 0, kOutF32 = 1, kOutBF16 = 2 };
-
-// kept[e] = 1 when entry e of the 16 lanes (16 / M groups of M consecutive weights) is among the
-// n winners of its group; `bits` are the weights' fp32 bits, the keys made in registers.
+// Group layout on vectors: a group of M consecutive weights spans kRegs registers (M > kLanes,
+// the cross-register case) or a block of kBlock lanes of one register.
 template <int M>
-STEP_HOST_DEVICE v16i keep16(const v16i& bits, int n) {
-  const v16i magnitude = bits & 0x7fffffff;
-  const v16i key = magnitude > 0x7f800000 ? 0x7f800000 : magnitude;  // NaN counts as +inf
+struct Groups {
+  static constexpr int kBlock = M < kLanes ? M : kLanes;
+  static constexpr int kRegs = M < kLanes ? 1 : M / kLanes;
+};
+
+// rank[A] += [lane of `other` beats lane of key[A]] for every register A of the group, where
+// `other` is register B rotated by S within blocks. The tie goes to the lower index: every lane of
+// B comes before A's when B < A, after when B > A, and within one register the rotation decides.
+// Keys are >= 0, so "other >= key" is "other > key - 1": one compare.
+template <int M, int B, int S, int... A>
+STEP_HOST_DEVICE void rank_add(const vint* key, vint* rank, const vint& other, std::integer_sequence<int, A...>) {
+  constexpr int G = Groups<M>::kBlock;
+  const vint minus_one = vint{} - 1;
+  ((A == B && S == 0 ? void()
+                     : void(rank[A] -= other > key[A] + (A > B   ? minus_one
+                                                         : A < B ? vint{}
+                                                                 : wraps<G, S>(LaneSeq{})))),
+   ...);
+}
+
+template <int M, int B, int... S>
+STEP_HOST_DEVICE void rank_from(const vint* key, vint* rank, std::integer_sequence<int, S...>) {
+  using Regs = std::make_integer_sequence<int, Groups<M>::kRegs>;
+  (rank_add<M, B, S>(key, rank, rotate<Groups<M>::kBlock, S>(key[B], LaneSeq{}), Regs{}), ...);
+}
+
+template <int M, int... B>
+STEP_HOST_DEVICE void rank_all(const vint* key, vint* rank, std::integer_sequence<int, B...>) {
+  (rank_from<M, B>(key, rank, std::make_integer_sequence<int, Groups<M>::kBlock>()), ...);
+}
+
+// -1 in lane i where entry (i + S) mod M of its group beats entry i (groups in blocks of M lanes).
+template <int M, int S>
+STEP_HOST_DEVICE vint beats(const vint& key) {
+  return rotate<M, S>(key, LaneSeq{}) > key + wraps<M, S>(LaneSeq{});
+}
+
+// Of two entries exactly one beats the other, so "entry i - S beats i" is "entry i beats i - S"
+// negated: beats<M, M - S> = ~rotate<M, M - S>(beats<M, S>). Returns, for S < M / 2, both terms
+// of the rank: -beats<S> + (1 + rotate(beats<S>)) less the 1, which rank_in_register adds back.
+template <int M, int S>
+STEP_HOST_DEVICE vint rank_pair(const vint& key) {
+  const vint c = beats<M, S>(key);
+  return rotate<M, M - S>(c, LaneSeq{}) - c;
+}
+
+// rank - (M / 2 - 1) of each entry of groups within a register (M <= kLanes): the compares of the
+// rotations 1 .. M / 2 only, the others by rank_pair's symmetry (M = 8: 4 compares instead of 7).
+template <int M, int... S>
+STEP_HOST_DEVICE vint rank_in_register(const vint& key, std::integer_sequence<int, S...>) {
+  vint r = -beats<M, M / 2>(key);
+  ((r += rank_pair<M, S + 1>(key)), ...);
+  return r;
+}
+
+// kept[r] = 1 where an entry of the kRegs registers `bits` (fp32 bits of whole groups of M) is
+// among the n winners of its group: rank = how many entries of the group beat it, over every
+// rotation of every register of the group (M - 1 rotations and compares per entry).
+template <int M>
+STEP_HOST_DEVICE void keep_groups(const vint* bits, vint* kept, int n) {
+  constexpr int R = Groups<M>::kRegs;
+  vint key[R], rank[R];
+  for (int r = 0; r < R; ++r) {
+    key[r] = key_of(bits[r]);
+    rank[r] = vint{};
+  }
 #if defined(STEP_CPU_AVX512)
   if constexpr (M == 4) {
     // Two rotations and compares give the masks "entry i+1 beats i" (b1) and "entry i+2 beats i"
     // (b2). Of two entries exactly one beats the other, so "entry i-1 beats i" is b1 rotated and
     // complemented; the rank (0..3) is the bit count of the three masks, done in scalar registers,
     // which leaves the vector units about 8 operations per 16 weights instead of 18.
-    const v16i lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-    const v16i other1 = rotate_in_groups<4, 1>(key);
-    const v16i other2 = rotate_in_groups<4, 2>(key);
-    const v16i lower1 = (lane & 3) >= 3, lower2 = (lane & 3) >= 2;  // see rank_add
-    const uint32_t b1 = _mm512_cmpgt_epi32_mask((__m512i)other1, (__m512i)(key + lower1));
-    const uint32_t b2 = _mm512_cmpgt_epi32_mask((__m512i)other2, (__m512i)(key + lower2));
+    const vint other1 = rotate<4, 1>(key[0], LaneSeq{});
+    const vint other2 = rotate<4, 2>(key[0], LaneSeq{});
+    const vint lower1 = wraps<4, 1>(LaneSeq{}), lower2 = wraps<4, 2>(LaneSeq{});  // see rank_add
+    const uint32_t b1 = _mm512_cmpgt_epi32_mask((__m512i)other1, (__m512i)(key[0] + lower1));
+    const uint32_t b2 = _mm512_cmpgt_epi32_mask((__m512i)other2, (__m512i)(key[0] + lower2));
     const uint32_t b3 = ~(((b1 << 1) & 0xeeeeu) | ((b1 >> 3) & 0x1111u));
     const uint32_t beaten = n == 1 ? (b1 | b2 | b3) : n == 2 ? ((b1 & b2) | (b3 & (b1 | b2))) : (b1 & b2 & b3);
-    return (v16i)_mm512_maskz_set1_epi32(static_cast<__mmask16>(~beaten), 1);
+    kept[0] = (vint)_mm512_maskz_set1_epi32(static_cast<__mmask16>(~beaten), 1);
+    return;
   }
 #endif
-  const v16i rank = rank16<M>(key, std::make_integer_sequence<int, M - 1>());
-  return (rank < n) & 1;
+  if constexpr (R == 1) {
+    const vint r = rank_in_register<M>(key[0], std::make_integer_sequence<int, M / 2 - 1>());
+    kept[0] = (r < n - (M / 2 - 1)) & 1;
+    return;
+  }
+  rank_all<M>(key, rank, std::make_integer_sequence<int, R>());
+  for (int r = 0; r < R; ++r) kept[r] = (rank[r] < n) & 1;
 }
 
-// Writes the model parameter of 16 lanes: kept ? w : +0.0 (bf16: round to nearest even, NaN -> 0x7fc0).
+// Where the selection pass also writes the model parameter (contiguous groups only).
+enum OutKind { kNoOut = 0, kOutF32 = 1, kOutBF16 = 2 };
+
+// Writes the model parameter of one register: kept ? w : +0.0 (bf16: round to nearest even, NaN -> 0x7fc0).
 template <int OUT>
-STEP_HOST_DEVICE void store_out16(const v16i& bits, const v16i& kept, void* __restrict out) {
+STEP_HOST_DEVICE void store_out(const vint& bits, const vint& kept, void* __restrict out) {
   if constexpr (OUT == kOutF32) {
-    const v16i masked = bits & -kept;  // pruned: +0.0
-    std::memcpy(out, &masked, sizeof masked);
+    store_vint(out, bits & -kept);  // pruned: +0.0
   } else if constexpr (OUT == kOutBF16) {
-    const v16u u = reinterpret_cast<const v16u&>(bits);
-    v16u r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const vuint u = reinterpret_cast<const vuint&>(bits);
+    vuint r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
     r = (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : r;
-    r &= reinterpret_cast<const v16u&>(kept) * 0xffffu;
-    const v16h h = __builtin_convertvector(r, v16h);
-    std::memcpy(out, &h, sizeof h);
+    r &= reinterpret_cast<const vuint&>(kept) * 0xffffu;
+    *static_cast<vhalf_mem*>(out) = __builtin_convertvector(r, vhalf);
   }
 }
 
@@ -116,25 +213,22 @@ STEP_HOST_DEVICE void store_out16(const v16i& bits, const v16i& kept, void* __re
 template <int M, int OUT>
 inline int64_t select_contiguous_m(const float* __restrict w, int32_t* __restrict keep, int64_t len, int n,
                                    const int32_t* __restrict before, void* __restrict out) {
+  constexpr int R = Groups<M>::kRegs;
   int64_t e = 0;
-  v16i flips = {};
-  if constexpr (M <= 16) {
-    for (; e + 16 <= len; e += 16) {
-      v16i bits;
-      std::memcpy(&bits, w + e, sizeof bits);
-      const v16i kept = keep16<M>(bits, n);
-      std::memcpy(keep + e, &kept, sizeof kept);
-      if (before) {
-        v16i old;
-        std::memcpy(&old, before + e, sizeof old);
-        flips -= kept != old;
-      }
-      if constexpr (OUT == kOutF32) store_out16<OUT>(bits, kept, static_cast<float*>(out) + e);
-      if constexpr (OUT == kOutBF16) store_out16<OUT>(bits, kept, static_cast<uint16_t*>(out) + e);
+  vint flips = {};
+  for (; e + R * kLanes <= len; e += R * kLanes) {
+    vint bits[R], kept[R];
+    for (int r = 0; r < R; ++r) bits[r] = load_vint(w + e + r * kLanes);
+    keep_groups<M>(bits, kept, n);
+    for (int r = 0; r < R; ++r) {
+      store_vint(keep + e + r * kLanes, kept[r]);
+      if (before) flips -= kept[r] != load_vint(before + e + r * kLanes);
+      if constexpr (OUT == kOutF32) store_out<OUT>(bits[r], kept[r], static_cast<float*>(out) + e + r * kLanes);
+      if constexpr (OUT == kOutBF16) store_out<OUT>(bits[r], kept[r], static_cast<uint16_t*>(out) + e + r * kLanes);
     }
   }
   int64_t count = 0;
-  for (int i = 0; i < 16; ++i) count += flips[i];
+  for (int i = 0; i < kLanes; ++i) count += flips[i];
   for (; e < len; e += M) {
     int32_t key[M];
     for (int i = 0; i < M; ++i) key[i] = step_kernels::nm_key_bits(w[e + i]);
@@ -220,6 +314,15 @@ inline float load_f32(float x) { return x; }
 inline float load_f32(BF16 x) { return step_kernels::f32_from_bf16(x.bits); }
 inline float load_f32(F16 x) { return step_kernels::f32_from_f16(x.bits); }
 
+// The fused multiply-add of the update: the AVX-512 and AVX2 variants (x86-64-v3 and up) and any
+// target the compiler knows to have one (aarch64, -mfma) use the instruction; the x86-64 baseline
+// has none, and emulates it exactly in vectorizable double arithmetic (fused_step.h, FmaSoft).
+#if defined(STEP_CPU_AVX512) || defined(STEP_CPU_AVX2) || defined(__FP_FAST_FMAF) || !defined(__x86_64__)
+using Fma = step_kernels::FmaHw;
+#else
+using Fma = step_kernels::FmaSoft;
+#endif
+
 // The update of one segment, in place; grads and a frozen p are widened as they are read.
 // Returns the AutoSwitch sums in `stats` when STATS.
 template <class G, class S, bool MASKED, bool FROZEN, bool SCALE, bool STATS>
@@ -231,7 +334,7 @@ inline void update_segment(float* __restrict w, const G* __restrict g, float* __
   for (int64_t e = 0; e < len; ++e) {
     float we = w[e], me = m[e], se = load_f32(second[e]);
     const float ge = SCALE ? load_f32(g[e]) / scale : load_f32(g[e]);
-    const float dv = step_kernels::step_element<MASKED, FROZEN>(we, ge, me, se, MASKED && keep_old[e] != 0, s);
+    const float dv = step_kernels::step_element<MASKED, FROZEN, Fma>(we, ge, me, se, MASKED && keep_old[e] != 0, s);
     w[e] = we;
     m[e] = me;
     if constexpr (!FROZEN) second[e] = se;

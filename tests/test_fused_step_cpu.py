@@ -14,13 +14,26 @@ same fp32 terms in another order (rtol 1e-12) and do not depend on the thread co
 """
 
 import functools
+import math
 
 import pytest
 import torch
 from torch import nn
 
 import step_kernels as sk
-from helpers import CPU_ISAS, FLAGS, ROW_SCALARS, clone, force_isa, isa_params, make_tensors, run, supported_isas
+from helpers import (
+    CPU_ISAS,
+    FLAGS,
+    NM_WIDE,
+    ROW_SCALARS,
+    clone,
+    compare,
+    force_isa,
+    isa_params,
+    make_tensors,
+    run,
+    supported_isas,
+)
 from helpers import scalars as _scalars
 from step_kernels import ops
 
@@ -71,6 +84,39 @@ def test_one_and_two_threads_give_identical_results(isa, flags, monkeypatch):
     assert torch.equal(ta, tb), "sums and flips must not depend on the thread count"
     for x, y in zip(a[0] + a[1], b[0] + b[1]):
         assert torch.equal(x, y)
+
+
+# Every variant of the selection: 16, 8 or 4 lanes per register (AVX-512, AVX2, the portable
+# build), groups within a register or across several (M > lanes), whole registers and the scalar
+# tail (1 to 37 groups per row), both orientations.
+SELECTION_NM = NM_WIDE + [(8, 16), (15, 16), (8, 32)]
+
+
+@pytest.mark.parametrize("isa", isa_params())
+@pytest.mark.parametrize("n,m", SELECTION_NM)
+@pytest.mark.parametrize("flags", ["srste", "phase2"])
+def test_selection_of_every_instruction_set_with_ties_nan_inf(isa, n, m, flags, monkeypatch):
+    force_isa(monkeypatch, isa)
+    # weights from 12 values: most groups hold ties (equal magnitudes, +0/-0, NaN with inf); grads
+    # from 3 values, zero m and a constant preconditioner keep many equal weights equal after the
+    # update, so the new selection sees ties too, while the others move and flip masks
+    values = torch.tensor([0.0, -0.0, 0.25, -0.25, 0.5, 1.0, -1.0, math.inf, -math.inf, math.nan, 1e-45, 3e38])
+    gen = torch.Generator().manual_seed(m * 100 + n)
+    shapes = [(3, m), (3, m * 3), (2, m * 7), (1, m * 37), (m * 5, 3)]
+    tensors = []
+    for shape in shapes:
+        w = values[torch.randint(len(values), shape, generator=gen)]
+        second = torch.ones(shape) if flags == "phase2" else torch.zeros(shape)
+        g = torch.tensor([0.0, 2.0, -2.0])[torch.randint(3, shape, generator=gen)]
+        tensors.append([w, g, torch.zeros(shape), second, torch.full(shape, 7.0, dtype=torch.bfloat16)])
+    theirs, ours = tensors, clone(tensors)
+    s = scalars()
+    w_before = [ts[0].clone() for ts in theirs]
+    dims = [1, 1, 1, 1, 0]
+    tot_ref = run("reference", theirs, flags=flags, n=n, m=m, dims=dims, s=s)
+    tot_ours = run("cpu", ours, flags=flags, n=n, m=m, dims=dims, s=s)
+    compare(ours, theirs, tot_ours, tot_ref, flags=flags, w_before=w_before, decay_factor=s.decay_factor, n=n, m=m,
+            dims=dims)
 
 
 # ---------------------------------------------------------------------------------------------

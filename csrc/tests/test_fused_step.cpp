@@ -46,8 +46,15 @@ int main() {
   CHECK_EQ(f16_from_f32(std::ldexp(3.0f, -26)), 0x0001u);  // above the tie
   CHECK_EQ(f16_from_f32(-2.0f), 0xc000u);
   CHECK_EQ(f16_from_f32(-NAN), 0xfe00u);
-  for (uint32_t h = 0; h < 0x7c00u; h += 7)  // every 7th finite half round-trips exactly
+  for (uint32_t h = 0; h < 0x7c00u; ++h) {  // every finite half, both signs: its value, and back exactly
+    const uint32_t e = h >> 10, f = h & 0x3ffu;
+    const float value =
+        e == 0 ? std::ldexp(static_cast<float>(f), -24) : std::ldexp(static_cast<float>(1024 + f), e - 25);
+    CHECK_EQ(f32_from_f16(static_cast<uint16_t>(h)), value);
+    CHECK_EQ(f32_from_f16(static_cast<uint16_t>(h | 0x8000u)), -value);
     CHECK_EQ(f16_from_f32(f32_from_f16(static_cast<uint16_t>(h))), h);
+    CHECK_EQ(f16_from_f32(f32_from_f16(static_cast<uint16_t>(h | 0x8000u))), h | 0x8000u);
+  }
 
   // selection keys order like |x|, NaN ties with +inf
   CHECK_EQ(nm_key_bits(-0.0f), nm_key_bits(0.0f));
@@ -91,6 +98,51 @@ int main() {
     CHECK_EQ(std::isnan(w), 1);
     CHECK_EQ(nm_key_bits(w), nm_key_bits(INFINITY));
   }
+  // FmaSoft (the x86-64 baseline kernel's fmaf) against the library's correctly rounded fmaf, bit
+  // for bit: random operands of every magnitude and sign, and double-rounding traps: c + p where p
+  // is half an ulp of c give or take 2^-46 of itself, so p + c in double lands exactly on the tie
+  // between two floats while the exact value lies on one side of it (k = 0: an exact tie, to even).
+  {
+    uint64_t state = 0x9e3779b97f4a7c15ull;
+    const auto next = [&state] {
+      state ^= state << 13;
+      state ^= state >> 7;
+      state ^= state << 17;
+      return static_cast<uint32_t>(state >> 32);
+    };
+    int mismatches = 0;
+    const auto check_fma = [&mismatches](float a, float b, float c) {
+      const float got = FmaSoft::fma(a, b, c), want = std::fma(a, b, c);
+      if (f32_bits(got) != f32_bits(want) && !(got != got && want != want)) {
+        if (mismatches++ < 5) std::printf("FAIL FmaSoft::fma(%a, %a, %a) = %a, fmaf gives %a\n", a, b, c, got, want);
+      }
+    };
+    for (int i = 0; i < 2000000; ++i) {
+      // random bits, and values of moderate exponent (bits 23-30 drawn from 0x30..0x4f)
+      const uint32_t ra = next(), rb = next(), rc = next();
+      check_fma(from_bits(ra), from_bits(rb), from_bits(rc));
+      const auto moderate = [](uint32_t r) { return from_bits((r & 0x807fffffu) | ((0x70u + (r >> 27)) << 23)); };
+      check_fma(moderate(ra), moderate(rb), moderate(rc));
+    }
+    for (int i = 0; i < 200000; ++i) {
+      const float c = from_bits((next() & 0x807fffffu) | ((0x60u + (next() & 0x3fu)) << 23));
+      const int k = static_cast<int>(next() % 64);
+      const float half = std::ldexp(1.0f, std::ilogb(c) - 24);  // half an ulp of c
+      const float up = 1.0f + std::ldexp(static_cast<float>(k), -23),
+                  down = 1.0f - std::ldexp(static_cast<float>(k), -23);
+      check_fma(up, half * down, c);   // |p| = half (1 - k^2 2^-46): the exact value short of the tie
+      check_fma(-up, half * down, c);  // toward zero
+      check_fma(up, half * down, -c);
+      check_fma(up, -half * down, -c);
+    }
+    CHECK_EQ(mismatches, 0);
+    const float one_ulp = std::ldexp(1.0f, -23);
+    CHECK_EQ(FmaSoft::fma(1.0f + one_ulp, std::ldexp(1.0f - one_ulp, -24), 1.0f + one_ulp), 1.0f + one_ulp);
+    CHECK_EQ(FmaSoft::fma(INFINITY, 0.0f, 1.0f) != FmaSoft::fma(INFINITY, 0.0f, 1.0f), 1);  // NaN
+    CHECK_EQ(FmaSoft::fma(2.0f, 3.0f, -INFINITY), -INFINITY);
+    CHECK_EQ(FmaSoft::fma(std::ldexp(1.0f, 127), 4.0f, 0.0f), INFINITY);
+  }
+
   if (failures) std::printf("%d failure(s)\n", failures);
   return failures ? EXIT_FAILURE : EXIT_SUCCESS;
 }
