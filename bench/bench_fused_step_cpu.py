@@ -12,8 +12,8 @@ time of every kernel but not of the copy, the machine is core-bound).
 Then every instruction-set variant of the kernel (``STEP_KERNELS_CPU_ISA``: avx512, avx2,
 baseline), each in its own process at 1 thread, against the peer at the matching
 ``ATEN_CPU_CAPABILITY`` (avx512, avx2, default; torch reads it once a process, hence the processes):
-phase 2 fp32, phase 2 bf16 with a bf16 preconditioner and phase 1 fp32, as x fused AdamW. A
-variant this build lacks or this CPU cannot run is reported as such.
+phase 2 fp32 and phase 2 bf16 with a bf16 preconditioner at 2:4 and at 1:8, and phase 1 fp32, as x
+fused AdamW. A variant this build lacks or this CPU cannot run is reported as such.
 
 Run alone: ``python -m bench.bench_fused_step_cpu [--quick] [--params N] [--reps R] [--threads 1 2]``;
 the variants alone: ``python -m bench.bench_fused_step_cpu --isas [--params N] [--reps R]``.
@@ -49,8 +49,11 @@ CASES = [
 REFERENCE_CASE = Case("step phase 2 fp32", "step", "sparse")
 # The kernel's variants (STEP_KERNELS_CPU_ISA) and the peer's matching ATEN_CPU_CAPABILITY.
 ISAS = [("avx512", "avx512"), ("avx2", "avx2"), ("baseline", "default")]
-# The cases of the per-variant table, in its column order.
-ISA_CASES = [CASES[0][0], CASES[2][0], CASES[3][0]]
+# The cases of the per-variant table, in its column order: phase 2 at 2:4 and at 1:8 (the
+# selection's cost grows with M: 2 and 4 rotations a group on AVX2), phase 1 (no selection).
+ISA_CASES = [CASES[0][0], Case("step phase 2 fp32 1:8", "step", "sparse", sparsity="1:8"), CASES[2][0],
+             Case("step phase 2 bf16, bf16 precond 1:8", "step", "sparse", torch.bfloat16, torch.bfloat16, "1:8"),
+             CASES[3][0]]
 ISA_CHILD_TIMEOUT_S = 900
 
 

@@ -36,6 +36,7 @@ class Case:
     phase: Optional[str] = None  # for "step": "dense" (phase 1) or "sparse" (phase 2)
     model_dtype: torch.dtype = torch.float32
     precond_dtype: torch.dtype = torch.float32
+    sparsity: str = "2:4"  # N:M of the Linear weights (STEP's targets)
 
 
 CASES = [
@@ -78,7 +79,7 @@ def build(case: Case, params: List[torch.nn.Parameter], backend: Optional[str]):
         return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, foreach=True)
     if case.recipe == "adamw-fused":
         return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, fused=True)
-    groups = [{"params": [p for p in params if p.dim() == 2], "sparsity": "2:4", "nm_dim": 1},
+    groups = [{"params": [p for p in params if p.dim() == 2], "sparsity": case.sparsity, "nm_dim": 1},
               {"params": [p for p in params if p.dim() == 1]}]
     # Phase 1 is timed with AutoSwitch running (it sums A and S every step) but never switching.
     switch = 1 if case.phase == "sparse" else AutoSwitch(min_step=10**9, max_step=10**9)

@@ -72,7 +72,9 @@ def test_progress_estimates_come_from_the_last_report(tmp_path):
 def _isa_rows(isa, capability, peer_ms, ratios):
     rows = [{"bench": "fused_step_cpu", "isa": isa, "peer_capability": capability, "case": "adamw fused fp32",
              "ms": peer_ms, "params": 8_000_000, "ratio_vs_peer": 1.0}]
-    for case, ratio in zip(["step phase 2 fp32", "step phase 2 bf16, bf16 precond", "step phase 1 fp32"], ratios):
+    from bench import bench_fused_step_cpu
+
+    for case, ratio in zip([c.label for c in bench_fused_step_cpu.ISA_CASES], ratios):
         rows.append({"bench": "fused_step_cpu", "isa": isa, "peer_capability": capability, "case": case,
                      "ms": peer_ms * ratio, "params": 8_000_000, "ratio_vs_peer": ratio})
     return rows
@@ -84,8 +86,8 @@ def test_the_readme_cpu_table_comes_from_the_full_reports(tmp_path):
     results = tmp_path / "results"
     results.mkdir()
     thread_row = {"bench": "fused_step_cpu", "case": "step phase 2 fp32", "ms": 1.0, "threads": 1}
-    rows = ([thread_row] + _isa_rows("avx512", "avx512", 3.5, [1.26, 1.0, 0.99])
-            + _isa_rows("avx2", "avx2", 3.47, [12.98, 13.53, 1.06])
+    rows = ([thread_row] + _isa_rows("avx512", "avx512", 3.5, [1.26, 1.31, 1.0, 1.02, 0.99])
+            + _isa_rows("avx2", "avx2", 3.47, [12.98, 14.0, 13.53])
             + [{"bench": "fused_step_cpu", "isa": "baseline", "skipped": "not built"}])
     report = {"meta": {"machine": "cpu-x86_64-2c", "device_name": "EPYC", "commit": "abc1234"},
               "benchmarks": {"fused_step_cpu": {"seconds": 1.0, "rows": rows}}}
@@ -98,11 +100,11 @@ def test_the_readme_cpu_table_comes_from_the_full_reports(tmp_path):
     assert text.startswith("intro\n\n") and text.endswith(f"{readme.ISA_END}\n\nrest\n") and "old" not in text
     assert "quick-machine" not in text and "`cpu-x86_64-2c` (EPYC, commit `abc1234`, 8.0M parameters" in text
     lines = [line for line in text.splitlines() if line.startswith("| ")]
-    assert lines[0] == ("| variant | peer: fused AdamW at | peer ms | step phase 2 fp32 | "
-                        "step phase 2 bf16, bf16 precond | step phase 1 fp32 |")
-    assert lines[1:] == ["| avx512 | avx512 | 3.50 | 1.26 | 1.00 | 0.99 |",
-                         "| avx2 | avx2 | 3.47 | 12.98 | 13.53 | 1.06 |",
-                         "| baseline | not run: not built | - | - | - | - |"]
+    assert lines[0] == ("| variant | peer: fused AdamW at | peer ms | step phase 2 fp32 | step phase 2 fp32 1:8 | "
+                        "step phase 2 bf16, bf16 precond | step phase 2 bf16, bf16 precond 1:8 | step phase 1 fp32 |")
+    assert lines[1:] == ["| avx512 | avx512 | 3.50 | 1.26 | 1.31 | 1.00 | 1.02 | 0.99 |",
+                         "| avx2 | avx2 | 3.47 | 12.98 | 14.00 | 13.53 | - | - |",  # a case missing: "-"
+                         "| baseline | not run: not built | - | - | - | - | - | - |"]
     missing = _write(tmp_path / "other.md", "no block\n")
     import pytest
 
