@@ -20,8 +20,15 @@
 // M / 2 - 1 relations by symmetry (rank_pair; N:8 on AVX2: 7 shuffles and 15 integer operations per
 // 8 weights instead of 7 and 21). Phase 2 on AVX2, one 4M-weight tensor, thread CPU time, 3 runs on
 // a loaded machine, x torch's fused AdamW at ATEN_CPU_CAPABILITY=avx2: 2:4 1.11-1.19x, 1:8
-// 1.51-1.70x (the old and the new selection: 14 shuffles per 8 weights per step); N:4 on AVX-512
-// counts the rank on bit masks (keep_groups). M > kLanes (16 and 32 on AVX2, 8-32 in the
+// 1.51-1.70x (the old and the new selection: 14 shuffles per 8 weights per step). So 1:M on AVX2
+// (M = 8, 16, 32) does not rank: the winner is the first entry equal to the group's maximum key
+// (max, movemask, the lowest bit, a one-hot load; keep_first_max8x2, keep_first_max_regs), and
+// 1:8 takes two groups at a time regrouped by 128-bit lane, so 4 shuffles per 16 weights instead
+// of 14 vpermd. The selection alone (old + new mask of 8M weights, tiles in L1, 3 runs on a loaded
+// machine): 1:8 6.4-8.8 ms -> 3.3-3.9 ms (2:4: 2.9-3.5 ms), 1:16 10.9-19.3 -> 3.2-3.7 ms, 1:32
+// 17-33 -> 3.0-3.2 ms. Phase 2 at 1 thread, 9.4M params, x fused AdamW at avx2 (median of 3
+// runs, loaded machine): fp32 1:8 1.63x -> 1.24x (2:4 1.26x), bf16 1:8 1.81x -> 1.40x. N:4 on AVX-512
+// counts the rank on bit masks (keep_groups). M > kLanes (16 and 32 on AVX2 for N > 1, 8-32 in the
 // portable build) ranks across the M / kLanes registers of a group: every rotation of every
 // register against every register (M - 1 compares per weight). Strided groups (Conv1D) rank across
 // rows with lanes over columns. What made AVX2 phase 2 13x slower than fused AdamW before was not
@@ -31,12 +38,13 @@
 //
 // The portable build (x86-64 baseline = SSE2, aarch64 = NEON, any GCC or clang target) is the same
 // code: GCC vector extensions with constant-index __builtin_shufflevector, which GCC >= 12 and
-// clang both accept, and no intrinsics (those stay under STEP_CPU_AVX512). Not at::vec::Vectorized:
-// the selection needs in-register shuffles by constant indices, which it does not offer, and the
-// element-wise update already vectorizes from plain loops. Its phase 1 was 6.5x slower than fused
-// AdamW at ATEN_CPU_CAPABILITY=default because x86-64 without FMA calls the library's fmaf per
-// element; it uses FmaSoft (fused_step.h), exact fmaf in double arithmetic that vectorizes with
-// SSE2 (phase 2 2:4 0.49-0.50x torch's fused AdamW at ATEN_CPU_CAPABILITY=default, same runs).
+// clang both accept, and no intrinsics (those stay under STEP_CPU_AVX512 and STEP_CPU_AVX2). Not
+// at::vec::Vectorized: the selection needs in-register shuffles by constant indices, which it
+// does not offer, and the element-wise update already vectorizes from plain loops. Its phase 1
+// was 6.5x slower than fused AdamW at ATEN_CPU_CAPABILITY=default because x86-64 without FMA
+// calls the library's fmaf per element; it uses FmaSoft (fused_step.h), exact fmaf in double
+// arithmetic that vectorizes with SSE2 (phase 2 2:4 0.49-0.50x torch's fused AdamW at
+// ATEN_CPU_CAPABILITY=default, same runs).
 //
 // This file has no include guard on purpose: fused_step_cpu_isas.h includes it once per
 // instruction set, inside a namespace and a target region (GCC's pragma or clang's attribute), so
@@ -190,6 +198,53 @@ STEP_HOST_DEVICE void keep_groups(const vint* bits, vint* kept, int n) {
   for (int r = 0; r < R; ++r) kept[r] = (rank[r] < n) & 1;
 }
 
+#if defined(STEP_CPU_AVX2)
+// 1:8 on AVX2, two groups (two registers a, b) at a time: the winner is the first entry equal to
+// the group's maximum key. lo = [a.lo, b.lo] and hi = [a.hi, b.hi] (two lane-crossing shuffles)
+// put each group in one 128-bit lane of both, so max(lo, hi) and two in-lane rotations (vpshufd)
+// give each group's maximum; the entries equal to it come out as bits (movemask), the lowest bit
+// of each group is the winner (ties to the lower index), and its one-hot register is a load.
+// 4 shuffles per 16 weights instead of 14 (rank_in_register: 7 vpermd per group).
+alignas(64) constexpr int32_t kOneHot8[15] = {0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0};
+
+STEP_HOST_DEVICE void keep_first_max8x2(const vint* bits, vint* kept) {
+  const __m256i a = (__m256i)key_of(bits[0]), b = (__m256i)key_of(bits[1]);
+  const __m256i lo = _mm256_permute2x128_si256(a, b, 0x20);
+  const __m256i hi = _mm256_permute2x128_si256(a, b, 0x31);
+  __m256i top = _mm256_max_epi32(lo, hi);
+  top = _mm256_max_epi32(top, _mm256_shuffle_epi32(top, 0x4e));
+  top = _mm256_max_epi32(top, _mm256_shuffle_epi32(top, 0xb1));
+  const uint32_t eq_lo = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(lo, top))));
+  const uint32_t eq_hi = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(hi, top))));
+  const uint32_t group_a = (eq_lo & 0xfu) | ((eq_hi & 0xfu) << 4), group_b = (eq_lo >> 4) | (eq_hi & 0xf0u);
+  kept[0] = load_vint(kOneHot8 + 7 - __builtin_ctz(group_a));
+  kept[1] = load_vint(kOneHot8 + 7 - __builtin_ctz(group_b));
+}
+
+// 1:16 and 1:32 on AVX2 (R = 2 or 4 registers per group): the same first maximum, the max of the
+// R registers reduced in-register (one lane-crossing shuffle, two vpshufd), instead of ranking
+// every rotation of every register (M - 1 compares per weight).
+alignas(64) constexpr int32_t kOneHot32[63] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                               0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                               0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+
+template <int R>
+STEP_HOST_DEVICE void keep_first_max_regs(const vint* bits, vint* kept) {
+  __m256i key[R];
+  for (int r = 0; r < R; ++r) key[r] = (__m256i)key_of(bits[r]);
+  __m256i top = key[0];
+  for (int r = 1; r < R; ++r) top = _mm256_max_epi32(top, key[r]);
+  top = _mm256_max_epi32(top, _mm256_permute2x128_si256(top, top, 0x01));
+  top = _mm256_max_epi32(top, _mm256_shuffle_epi32(top, 0x4e));
+  top = _mm256_max_epi32(top, _mm256_shuffle_epi32(top, 0xb1));
+  uint32_t eq = 0;
+  for (int r = 0; r < R; ++r)
+    eq |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(key[r], top)))) << (8 * r);
+  const int first = __builtin_ctz(eq);
+  for (int r = 0; r < R; ++r) kept[r] = load_vint(kOneHot32 + 31 - first + 8 * r);
+}
+#endif
+
 // Where the selection pass also writes the model parameter (contiguous groups only).
 enum OutKind { kNoOut = 0, kOutF32 = 1, kOutBF16 = 2 };
 
@@ -216,16 +271,40 @@ inline int64_t select_contiguous_m(const float* __restrict w, int32_t* __restric
   constexpr int R = Groups<M>::kRegs;
   int64_t e = 0;
   vint flips = {};
-  for (; e + R * kLanes <= len; e += R * kLanes) {
-    vint bits[R], kept[R];
-    for (int r = 0; r < R; ++r) bits[r] = load_vint(w + e + r * kLanes);
-    keep_groups<M>(bits, kept, n);
-    for (int r = 0; r < R; ++r) {
+  auto emit = [&](const vint* bits, const vint* kept, int regs) {
+    for (int r = 0; r < regs; ++r) {
       store_vint(keep + e + r * kLanes, kept[r]);
       if (before) flips -= kept[r] != load_vint(before + e + r * kLanes);
       if constexpr (OUT == kOutF32) store_out<OUT>(bits[r], kept[r], static_cast<float*>(out) + e + r * kLanes);
       if constexpr (OUT == kOutBF16) store_out<OUT>(bits[r], kept[r], static_cast<uint16_t*>(out) + e + r * kLanes);
     }
+  };
+#if defined(STEP_CPU_AVX2)
+  if constexpr (M == 8) {
+    if (n == 1) {
+      for (; e + 2 * kLanes <= len; e += 2 * kLanes) {
+        vint bits[2], kept[2];
+        for (int r = 0; r < 2; ++r) bits[r] = load_vint(w + e + r * kLanes);
+        keep_first_max8x2(bits, kept);
+        emit(bits, kept, 2);
+      }
+    }
+  } else if constexpr (M > 8) {
+    if (n == 1) {
+      for (; e + R * kLanes <= len; e += R * kLanes) {
+        vint bits[R], kept[R];
+        for (int r = 0; r < R; ++r) bits[r] = load_vint(w + e + r * kLanes);
+        keep_first_max_regs<R>(bits, kept);
+        emit(bits, kept, R);
+      }
+    }
+  }
+#endif
+  for (; e + R * kLanes <= len; e += R * kLanes) {
+    vint bits[R], kept[R];
+    for (int r = 0; r < R; ++r) bits[r] = load_vint(w + e + r * kLanes);
+    keep_groups<M>(bits, kept, n);
+    emit(bits, kept, R);
   }
   int64_t count = 0;
   for (int i = 0; i < kLanes; ++i) count += flips[i];
