@@ -27,7 +27,13 @@
 // of 14 vpermd. The selection alone (old + new mask of 8M weights, tiles in L1, 3 runs on a loaded
 // machine): 1:8 6.4-8.8 ms -> 3.3-3.9 ms (2:4: 2.9-3.5 ms), 1:16 10.9-19.3 -> 3.2-3.7 ms, 1:32
 // 17-33 -> 3.0-3.2 ms. Phase 2 at 1 thread, 9.4M params, x fused AdamW at avx2 (median of 3
-// runs, loaded machine): fp32 1:8 1.63x -> 1.24x (2:4 1.26x), bf16 1:8 1.81x -> 1.40x. N:4 on AVX-512
+// runs, loaded machine): fp32 1:8 1.63x -> 1.24x (2:4 1.26x), bf16 1:8 1.81x -> 1.40x. 1:M on
+// AVX-512 (M = 8, 16, 32) does the same with mask registers (keep_first_max512): max and in-register
+// shuffles within blocks of M lanes (1:8: two groups per register, 3 shuffles per 16 weights; 1:16
+// one group per register, 1:32 two registers), vpcmpeqd into a 16-bit mask, x & -x per group, and
+// the kept register is a masked set (no table). Phase 2 at 1 thread, 9.4M params, x fused AdamW at
+// avx512 (median of 3 runs, 2 cores with another process on one): fp32 1:8 1.67x -> 1.26x
+// (10.1 -> 7.6 ms; 2:4 1.24-1.35x), bf16 1:8 1.86x -> 1.36x (11.3 -> 8.2 ms). N:4 on AVX-512
 // counts the rank on bit masks (keep_groups). M > kLanes (16 and 32 on AVX2 for N > 1, 8-32 in the
 // portable build) ranks across the M / kLanes registers of a group: every rotation of every
 // register against every register (M - 1 compares per weight). Strided groups (Conv1D) rank across
@@ -245,6 +251,37 @@ STEP_HOST_DEVICE void keep_first_max_regs(const vint* bits, vint* kept) {
 }
 #endif
 
+#if defined(STEP_CPU_AVX512)
+// 1:M on AVX-512 (M = 8, 16, 32; R = 1, 1, 2 registers per group): the winner is the first entry
+// equal to the group's maximum key. The maximum within blocks of M lanes is max with in-register
+// shuffles (1:8: one 128-bit lane swap and two vpshufd per register of two groups; 1:16 and 1:32:
+// two 128-bit lane shuffles and two vpshufd), the entries equal to it come out as a bit mask
+// (vpcmpeqd into a mask register), x & -x per group keeps the lowest bit (ties to the lower index),
+// and the kept register is a masked set (no table), as N:4's rank on masks.
+template <int M>
+STEP_HOST_DEVICE void keep_first_max512(const vint* bits, vint* kept) {
+  constexpr int R = Groups<M>::kRegs;
+  __m512i key[R];
+  for (int r = 0; r < R; ++r) key[r] = (__m512i)key_of(bits[r]);
+  __m512i top = key[0];
+  for (int r = 1; r < R; ++r) top = _mm512_max_epi32(top, key[r]);
+  if constexpr (M >= 16) top = _mm512_max_epi32(top, _mm512_shuffle_i32x4(top, top, 0x4e));
+  top = _mm512_max_epi32(top, _mm512_shuffle_i32x4(top, top, 0xb1));
+  top = _mm512_max_epi32(top, _mm512_shuffle_epi32(top, (_MM_PERM_ENUM)0x4e));
+  top = _mm512_max_epi32(top, _mm512_shuffle_epi32(top, (_MM_PERM_ENUM)0xb1));
+  if constexpr (M == 8) {
+    const uint32_t eq = _mm512_cmpeq_epi32_mask(key[0], top);
+    const uint32_t lo = eq & 0xffu, hi = eq & 0xff00u;
+    kept[0] = (vint)_mm512_maskz_set1_epi32(static_cast<__mmask16>((lo & (0u - lo)) | (hi & (0u - hi))), 1);
+  } else {
+    uint32_t eq = 0;
+    for (int r = 0; r < R; ++r) eq |= static_cast<uint32_t>(_mm512_cmpeq_epi32_mask(key[r], top)) << (16 * r);
+    const uint32_t first = eq & (0u - eq);
+    for (int r = 0; r < R; ++r) kept[r] = (vint)_mm512_maskz_set1_epi32(static_cast<__mmask16>(first >> (16 * r)), 1);
+  }
+}
+#endif
+
 // Where the selection pass also writes the model parameter (contiguous groups only).
 enum OutKind { kNoOut = 0, kOutF32 = 1, kOutBF16 = 2 };
 
@@ -279,6 +316,18 @@ inline int64_t select_contiguous_m(const float* __restrict w, int32_t* __restric
       if constexpr (OUT == kOutBF16) store_out<OUT>(bits[r], kept[r], static_cast<uint16_t*>(out) + e + r * kLanes);
     }
   };
+#if defined(STEP_CPU_AVX512)
+  if constexpr (M >= 8) {
+    if (n == 1) {
+      for (; e + R * kLanes <= len; e += R * kLanes) {
+        vint bits[R], kept[R];
+        for (int r = 0; r < R; ++r) bits[r] = load_vint(w + e + r * kLanes);
+        keep_first_max512<M>(bits, kept);
+        emit(bits, kept, R);
+      }
+    }
+  }
+#endif
 #if defined(STEP_CPU_AVX2)
   if constexpr (M == 8) {
     if (n == 1) {
