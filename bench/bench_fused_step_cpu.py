@@ -13,10 +13,11 @@ Then every instruction-set variant of the kernel (``STEP_KERNELS_CPU_ISA``: avx5
 baseline), each in its own process at 1 thread, against the peer at the matching
 ``ATEN_CPU_CAPABILITY`` (avx512, avx2, default; torch reads it once a process, hence the processes):
 phase 2 fp32 and phase 2 bf16 with a bf16 preconditioner at 2:4 and at 1:8, and phase 1 fp32, as x
-fused AdamW. A variant this build lacks or this CPU cannot run is reported as such.
+fused AdamW; three processes per variant (quick: one), interleaved, each case the median of them.
+A variant this build lacks or this CPU cannot run is reported as such.
 
 Run alone: ``python -m bench.bench_fused_step_cpu [--quick] [--params N] [--reps R] [--threads 1 2]``;
-the variants alone: ``python -m bench.bench_fused_step_cpu --isas [--params N] [--reps R]``.
+the variants alone: ``python -m bench.bench_fused_step_cpu --isas [--params N] [--reps R] [--processes P]``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from typing import Callable, Dict, List, Optional, Sequence
@@ -159,28 +161,47 @@ def measure_this_isa(n_params: int, reps: int) -> List[Dict]:
 
 
 def run_isas(n_params: int = 2**23, reps: int = 5, isas: Sequence[str] = tuple(name for name, _ in ISAS),
-             progress: Callable[[str], None] = print) -> List[Dict]:
+             processes: int = 3, progress: Callable[[str], None] = print) -> List[Dict]:
     """``measure_this_isa`` for each variant in ``isas``, each in a fresh interpreter started with
-    ``STEP_KERNELS_CPU_ISA`` and the peer's matching ``ATEN_CPU_CAPABILITY`` set."""
+    ``STEP_KERNELS_CPU_ISA`` and the peer's matching ``ATEN_CPU_CAPABILITY`` set; ``processes``
+    rounds over the variants, and each case keeps the median over its processes (``ratios`` lists
+    every process's ratio). On the project's VM one process in a few runs every case of a variant
+    20-30% slower than the others, so a single process per variant can misreport it."""
     capability = dict(ISAS)
-    rows = []
-    for isa in isas:
-        env = dict(os.environ, STEP_KERNELS_CPU_ISA=isa, ATEN_CPU_CAPABILITY=capability[isa], OMP_NUM_THREADS="1")
-        cmd = [sys.executable, "-m", "bench.bench_fused_step_cpu", "--isa-child", "--params", str(n_params),
-               "--reps", str(reps)]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=ISA_CHILD_TIMEOUT_S,
-                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        if done.returncode != 0:
-            raise RuntimeError(f"{NAME}: the {isa} process failed ({done.returncode}):\n{done.stderr[-4000:]}")
-        got = json.loads(done.stdout.strip().splitlines()[-1])
-        for r in got:
-            if r.get("skipped"):
-                progress(f"  isa {isa:<9} skipped: {r['skipped']}")
-            else:
-                ratio = f"{r['ratio_vs_peer']:.2f}x peer at {r['peer_capability']}"
-                progress(f"  isa {isa:<9} {r['params'] / 1e6:6.1f}M  {r['case']:<34} {r['ms']:9.2f} ms {ratio}")
-        rows += got
-    return rows
+    runs: Dict[str, List[List[Dict]]] = {isa: [] for isa in isas}
+    for round_ in range(processes):
+        for isa in isas:
+            env = dict(os.environ, STEP_KERNELS_CPU_ISA=isa, ATEN_CPU_CAPABILITY=capability[isa], OMP_NUM_THREADS="1")
+            cmd = [sys.executable, "-m", "bench.bench_fused_step_cpu", "--isa-child", "--params", str(n_params),
+                   "--reps", str(reps)]
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=ISA_CHILD_TIMEOUT_S,
+                                  cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            if done.returncode != 0:
+                raise RuntimeError(f"{NAME}: the {isa} process failed ({done.returncode}):\n{done.stderr[-4000:]}")
+            got = json.loads(done.stdout.strip().splitlines()[-1])
+            for r in got:
+                if r.get("skipped"):
+                    progress(f"  isa {isa:<9} skipped: {r['skipped']}")
+                else:
+                    ratio = f"{r['ratio_vs_peer']:.2f}x peer at {r['peer_capability']}"
+                    progress(f"  isa {isa:<9} {round_ + 1}/{processes} {r['params'] / 1e6:6.1f}M  {r['case']:<34} "
+                             f"{r['ms']:9.2f} ms {ratio}")
+            runs[isa].append(got)
+    return [row for isa in isas for row in _median_rows(runs[isa])]
+
+
+def _median_rows(runs: List[List[Dict]]) -> List[Dict]:
+    """One row per case of one variant from several processes' rows (same cases, same order): the
+    median time and the median ratio to the peer, every process's ratio in ``ratios``."""
+    if runs[0][0].get("skipped"):
+        return runs[0]
+    merged = []
+    for i, row in enumerate(runs[0]):
+        ms = statistics.median(run[i]["ms"] for run in runs)
+        ratios = [run[i]["ratio_vs_peer"] for run in runs]
+        merged.append(dict(row, ms=ms, gbps=row["gbps"] * row["ms"] / ms, ratio_vs_peer=statistics.median(ratios),
+                           ratios=ratios))
+    return merged
 
 
 def run(device: torch.device, quick: bool, progress: Callable[[str], None] = print) -> List[Dict]:
@@ -188,7 +209,7 @@ def run(device: torch.device, quick: bool, progress: Callable[[str], None] = pri
     every variant at 1 thread, 2**23 parameters (2**20 when quick)."""
     if quick:
         rows = run_threads(n_params=2**22, reps=3, reference_reps=1, progress=progress)
-        return rows + run_isas(n_params=2**20, reps=3, progress=progress)
+        return rows + run_isas(n_params=2**20, reps=3, processes=1, progress=progress)
     return run_threads(progress=progress) + run_isas(progress=progress)
 
 
@@ -248,6 +269,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--isas", action="store_true",
                         help="only the per-variant table (default 2**23 parameters), one process per variant")
+    parser.add_argument("--processes", type=int, default=3,
+                        help="--isas: processes per variant (each case keeps the median)")
     parser.add_argument("--isa-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -261,7 +284,7 @@ def main(argv=None) -> None:
     if reason:
         raise SystemExit(f"{NAME}: {reason}")
     if args.isas:
-        print(to_markdown(run_isas(args.params, args.reps)))
+        print(to_markdown(run_isas(args.params, args.reps, processes=args.processes)))
         return
     print(to_markdown(run_threads(args.threads, args.params, args.reps, args.reference_reps)))
 
