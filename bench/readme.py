@@ -83,8 +83,10 @@ def render_isa_tables(results_dir: str = RESULTS_DIR) -> str:
         meta = report.get("meta", {})
         params = next((r["params"] for r in isa_rows if "params" in r), None)
         size = f"{params / 1e6:.1f}M parameters, " if params else ""
+        processes = next((len(r["ratios"]) for r in isa_rows if "ratios" in r), 1)
+        median = f", median of {processes} processes per variant" if processes > 1 else ""
         parts.append(f"`{meta.get('machine')}` ({meta.get('device_name')}, commit `{meta.get('commit')}`, {size}"
-                     f"1 thread; times as x `torch.optim.AdamW(fused=True)` at the matching "
+                     f"1 thread{median}; times as x `torch.optim.AdamW(fused=True)` at the matching "
                      f"`ATEN_CPU_CAPABILITY`):\n\n{isa_table(isa_rows)}")
     if not parts:
         return ("No full `python -m bench` report with the per-variant rows yet; one run fills this table "
