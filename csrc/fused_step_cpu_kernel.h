@@ -55,7 +55,7 @@
 // This file has no include guard on purpose: fused_step_cpu_isas.h includes it once per
 // instruction set, inside a namespace and a target region (GCC's pragma or clang's attribute), so
 // the compiler vectorizes it for AVX-512, AVX2 and the baseline, and the launcher picks one at run
-// time. It includes nothing (the includer provides <algorithm>, <cstdint>, <cstring>, <utility>,
+// time. It includes nothing (the includer provides <algorithm>, <cstdint>, <cstring>, <type_traits>, <utility>,
 // fused_step.h and fused_step_cpu_plan.h), so no library code is compiled for a wider ISA than the
 // CPU's. Vector shuffles use __builtin_shufflevector (constant indices; GCC >= 12 and clang), not
 // GCC's __builtin_shuffle, which clang lacks (older GCC keeps it: rotate).
@@ -316,45 +316,30 @@ inline int64_t select_contiguous_m(const float* __restrict w, int32_t* __restric
       if constexpr (OUT == kOutBF16) store_out<OUT>(bits[r], kept[r], static_cast<uint16_t*>(out) + e + r * kLanes);
     }
   };
+  // Whole blocks of REGS registers (whole groups) from e on: load, `select` the kept entries, emit.
+  auto sweep = [&](auto regs, auto select) {
+    constexpr int REGS = decltype(regs)::value;
+    for (; e + REGS * kLanes <= len; e += REGS * kLanes) {
+      vint bits[REGS], kept[REGS];
+      for (int r = 0; r < REGS; ++r) bits[r] = load_vint(w + e + r * kLanes);
+      select(bits, kept);
+      emit(bits, kept, REGS);
+    }
+  };
+  using Regs = std::integral_constant<int, R>;
 #if defined(STEP_CPU_AVX512)
   if constexpr (M >= 8) {
-    if (n == 1) {
-      for (; e + R * kLanes <= len; e += R * kLanes) {
-        vint bits[R], kept[R];
-        for (int r = 0; r < R; ++r) bits[r] = load_vint(w + e + r * kLanes);
-        keep_first_max512<M>(bits, kept);
-        emit(bits, kept, R);
-      }
-    }
+    if (n == 1) sweep(Regs{}, [](const vint* bits, vint* kept) { keep_first_max512<M>(bits, kept); });
   }
 #endif
 #if defined(STEP_CPU_AVX2)
   if constexpr (M == 8) {
-    if (n == 1) {
-      for (; e + 2 * kLanes <= len; e += 2 * kLanes) {
-        vint bits[2], kept[2];
-        for (int r = 0; r < 2; ++r) bits[r] = load_vint(w + e + r * kLanes);
-        keep_first_max8x2(bits, kept);
-        emit(bits, kept, 2);
-      }
-    }
+    if (n == 1) sweep(std::integral_constant<int, 2>{}, keep_first_max8x2);
   } else if constexpr (M > 8) {
-    if (n == 1) {
-      for (; e + R * kLanes <= len; e += R * kLanes) {
-        vint bits[R], kept[R];
-        for (int r = 0; r < R; ++r) bits[r] = load_vint(w + e + r * kLanes);
-        keep_first_max_regs<R>(bits, kept);
-        emit(bits, kept, R);
-      }
-    }
+    if (n == 1) sweep(Regs{}, [](const vint* bits, vint* kept) { keep_first_max_regs<R>(bits, kept); });
   }
 #endif
-  for (; e + R * kLanes <= len; e += R * kLanes) {
-    vint bits[R], kept[R];
-    for (int r = 0; r < R; ++r) bits[r] = load_vint(w + e + r * kLanes);
-    keep_groups<M>(bits, kept, n);
-    emit(bits, kept, R);
-  }
+  sweep(Regs{}, [n](const vint* bits, vint* kept) { keep_groups<M>(bits, kept, n); });
   int64_t count = 0;
   for (int i = 0; i < kLanes; ++i) count += flips[i];
   for (; e < len; e += M) {
