@@ -159,3 +159,40 @@ def test_plan_eta_uses_each_task_median_and_counts_untimed_tasks():
     assert study._plan_eta(results, todo) == ("19 runs planned so far, about 1.0 h at this machine's median per "
                                               "task (+1 of tasks not timed yet)")
     assert study._plan_eta({}, todo) == "19 runs to go (no timing yet)"
+
+
+def test_switch_probe_forks_one_dense_run_into_continuations_on_the_same_batches():
+    import torch
+
+    from bench.accuracy import switch_probe
+    from bench.accuracy.run import BETAS, EPS, WEIGHT_DECAY
+    from step_kernels.reference import parse_sparsity
+
+    at, after, lr = 5, 10, 4e-3
+    result = switch_probe.probe("lm", "1:8", 0, lr, at, after)
+    # The dense branch is the uninterrupted AdamW run: torch's AdamW for at + after steps, same batches.
+    task = TASKS["lm"]()
+    model = task.build(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, task.steps))
+    gen = torch.Generator().manual_seed(1_000_003 * 0 + 17)
+    for _ in range(at + after):
+        opt.zero_grad(set_to_none=True)
+        task.loss(model, gen).backward()
+        opt.step()
+        schedule.step()
+    straight = task.evaluate(model)["val_loss"]
+    dense = result["branches"]["dense"]["curve"][-1]
+    assert dense["after"] == after
+    assert dense["val_loss"] == pytest.approx(straight, rel=1e-5)  # fp32 AdamW vs STEP's dense recipe
+    # Every branch starts from the same model: ASP's +0 is the pruned fork, worse than the fork itself.
+    asp = result["branches"]["asp"]["curve"]
+    assert asp[0]["after"] == 0 and asp[0]["val_loss"] > result["fork"]["val_loss"]
+    # STEP switched at the fork (phase 2 from its first step); SR-STE has no switch.
+    assert result["branches"]["step"]["switch_step"] == at + 1
+    assert result["branches"]["srste"]["switch_step"] is None
+    for name in ("srste", "step"):
+        assert 0 < result["branches"][name]["flip_rate_mean"] < 1
+    n, m = parse_sparsity("1:8")
+    table = switch_probe.probe_table([result])
+    assert len(table) == 2 + len(switch_probe.BRANCHES) and f"| lm | {n}:{m} | 0 | {at}," in table[2]

@@ -32,6 +32,7 @@ import time
 from typing import Dict, Iterator, List, Optional, Tuple
 
 from .run import ASP_DENSE_FRACTION, BETAS, RECIPES, SWITCH_POINTS, WEIGHT_DECAY, RunConfig, result_path, run_if_missing
+from .switch_probe import load_probes, probe_table
 from .tasks import PRETRAIN_LR, PRETRAIN_STEPS, TASKS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -498,6 +499,19 @@ def _plot_autoswitch(results: Dict[str, Dict], path: str) -> bool:
     return True
 
 
+def _probe_section() -> str:
+    """REPORT.md's section on the switch probes (``bench/accuracy/switch_probe.py``), if any ran."""
+    table = probe_table(load_probes())
+    if not table:
+        return ""
+    return ("\n\n## What happens at the switch (diagnostic)\n\n"
+            "Not part of the protocol and tuning nothing: one dense AdamW run of the study's schedule, forked at "
+            "step `at` into four continuations on the same batches (`python -m bench.accuracy.switch_probe "
+            "--sparsity N:M --seed S --at STEP`): dense; ASP (magnitude prune at the fork, mask fixed; +0 is the "
+            "pruned model before any step); SR-STE with live v; STEP's phase 2 (SR-STE with v frozen at the "
+            "fork). SR-STE and STEP differ only in v.\n\n" + "\n".join(table))
+
+
 def cmd_report(args) -> None:
     results = load_results(args.results)
     configs = _unique(plan(results))
@@ -533,8 +547,9 @@ def cmd_report(args) -> None:
             f"lm corpus, then every recipe continues the pretrained model and its AdamW state on other "
             f"standard-library packages (STEP through `STEP.from_adamw`; ASP prunes at once). The corpora are "
             f"standard-library sources, so they depend on the Python version (recorded per run).\n\n"
-            f"{tables}\n" + "\n".join(plots) + "\n\nThe first study (protocol v1: 1000 steps, beta2 0.99, "
-            "constant lr) is archived in [REPORT_v1.md](bench/accuracy/REPORT_v1.md).\n")
+            f"{tables}\n" + "\n".join(plots) + _probe_section()
+            + "\n\nThe first study (protocol v1: 1000 steps, beta2 0.99, constant lr) is archived in "
+            "[REPORT_v1.md](bench/accuracy/REPORT_v1.md).\n")
     with open(REPORT, "w") as f:
         f.write("# Accuracy study\n\n" + body.replace("](bench/accuracy/", "]("))
     # The README gets a short status and a link; the tables, plots and method live in REPORT.md only.
