@@ -953,7 +953,9 @@ class STEP(torch.optim.Optimizer):
         ``adamw_state_dict`` is ``AdamW.state_dict()`` of an optimizer built over
         ``model.parameters()`` (in that order). Its ``exp_avg``, ``exp_avg_sq`` and step count
         become STEP's ``m``, ``v`` and ``t``; the phase-1 clock and AutoSwitch start from there.
-        AutoSwitch's bounds and ``switch=k`` count that global step: the defaults derived from
+        AutoSwitch's bounds and ``switch=k`` count that global step ``t0``: ``switch=t0`` switches as
+        the optimizer is built (v frozen as AdamW left it, the model masked, phase 2 from the first
+        step), and a ``k`` below ``t0`` raises ``ValueError``. The defaults derived from
         ``total_steps`` (10% and 50% of it) lie before the AdamW run's step count for any
         fine-tuning shorter than the pretraining, so pass explicit bounds, e.g.
         ``switch=AutoSwitch(min_step=t0 + n // 10, max_step=t0 + n // 2)`` for ``n`` fine-tuning
@@ -967,6 +969,10 @@ class STEP(torch.optim.Optimizer):
         """
         named = list(model.named_parameters())
         step = cls._check_adamw_state(adamw_state_dict, named, kwargs)
+        switch = kwargs.get("switch")
+        if isinstance(switch, int) and not isinstance(switch, bool) and 1 <= switch < step:
+            raise ValueError(f"switch={switch} lies before the AdamW run's step count {step}: phase 2 starts at "
+                             f"step switch + 1, so pass switch >= {step} ({step}: phase 2 from the first step)")
         for key in ("lr", "betas", "eps"):
             kwargs.setdefault(key, adamw_state_dict["param_groups"][0][key])
         groups = sparse_param_groups(model, sparsity, include=include, exclude=exclude,
@@ -984,6 +990,9 @@ class STEP(torch.optim.Optimizer):
                     state["exp_avg_sq"].copy_(entry["exp_avg_sq"])
                 state["step"] = step  # as AdamW's own count: every parameter with state has the same
         opt._set_global("step", step)
+        if opt.recipe == "step" and isinstance(opt.switch, int) and step >= 1 and opt.switch == step:
+            with torch.no_grad():
+                opt._do_switch(step)  # the end of step `switch` is now: phase 2 from the next step
         return opt
 
     @staticmethod

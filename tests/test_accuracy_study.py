@@ -188,8 +188,8 @@ def test_switch_probe_forks_one_dense_run_into_continuations_on_the_same_batches
     # Every branch starts from the same model: ASP's +0 is the pruned fork, worse than the fork itself.
     asp = result["branches"]["asp"]["curve"]
     assert asp[0]["after"] == 0 and asp[0]["val_loss"] > result["fork"]["val_loss"]
-    # STEP switched at the fork (phase 2 from its first step); SR-STE has no switch.
-    assert result["branches"]["step"]["switch_step"] == at + 1
+    # STEP switched at the fork (v frozen as AdamW left it, phase 2 from its first step); SR-STE has no switch.
+    assert result["branches"]["step"]["switch_step"] == at
     assert result["branches"]["srste"]["switch_step"] is None
     for name in ("srste", "step"):
         assert 0 < result["branches"][name]["flip_rate_mean"] < 1
