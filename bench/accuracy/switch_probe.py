@@ -142,9 +142,15 @@ def load_probes(results_dir: str = PROBE_DIR) -> List[Dict]:
 
 
 def probe_table(probes: List[Dict]) -> List[str]:
-    """Markdown: one row per probe and branch, the metric at each evaluation after the fork."""
-    if not probes:
-        return []
+    """Markdown: one table per metric (task), a row per probe and branch, the metric at each
+    evaluation after the fork."""
+    lines: List[str] = []
+    for metric in sorted({p["metric"] for p in probes}):
+        lines += ([""] if lines else []) + _metric_table([p for p in probes if p["metric"] == metric])
+    return lines
+
+
+def _metric_table(probes: List[Dict]) -> List[str]:
     afters = sorted({c["after"] for p in probes for b in p["branches"].values() for c in b["curve"]})
     metric = probes[0]["metric"]
     lines = [f"| task | N:M | seed | fork: step, {metric} | branch | " + " | ".join(f"+{a}" for a in afters)
