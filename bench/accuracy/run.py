@@ -22,7 +22,7 @@ import os
 import platform
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -100,6 +100,37 @@ def _optimizer(config: RunConfig, model: torch.nn.Module, task: Task, steps: int
     return STEP(groups, **kwargs)
 
 
+def batch_generator(seed: int) -> torch.Generator:
+    """The generator of a run's training batches: every recipe of a seed sees the same batches."""
+    return torch.Generator().manual_seed(1_000_003 * seed + 17)
+
+
+def asp_prune(model: torch.nn.Module, task: Task, sparsity: str) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """ASP's one magnitude prune: zero the targets outside their N:M mask; returns (param, mask) pairs."""
+    n, m = parse_sparsity(sparsity)
+    masks = [(t.param, nm_mask(t.param.detach(), n, m, t.group_dim)) for t in find_targets(model, exclude=task.exclude)]
+    with torch.no_grad():
+        for param, mask in masks:
+            param.mul_(mask)
+    return masks
+
+
+def train_step(task: Task, model: torch.nn.Module, opt: torch.optim.Optimizer, schedule, generator: torch.Generator,
+               masks: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None) -> torch.Tensor:
+    """One optimizer and schedule step on the next batch; ``masks`` (ASP's) are reapplied after it.
+    Returns the batch's loss."""
+    opt.zero_grad(set_to_none=True)
+    loss = task.loss(model, generator)
+    loss.backward()
+    opt.step()
+    schedule.step()
+    if masks is not None:
+        with torch.no_grad():
+            for param, mask in masks:
+                param.mul_(mask)
+    return loss
+
+
 def _pattern_ok(model: torch.nn.Module, task: Task, sparsity: str) -> bool:
     n, m = parse_sparsity(sparsity)
     for target in find_targets(model, exclude=task.exclude):
@@ -118,28 +149,15 @@ def train(config: RunConfig, steps: Optional[int] = None, progress=None) -> Dict
     opt = _optimizer(config, model, task, steps)
     start_step = opt.step_count
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps))
-    targets = find_targets(model, exclude=task.exclude)
     asp_masks = None
     prune_at = (int(task.asp_dense_fraction * steps) if config.recipe == "asp" else None)
-    gen = torch.Generator().manual_seed(1_000_003 * config.seed + 17)
+    gen = batch_generator(config.seed)
     curve, flips = [], []
     begin = time.perf_counter()
     for step in range(1, steps + 1):
         if config.recipe == "asp" and asp_masks is None and step > prune_at:
-            n, m = parse_sparsity(config.sparsity)
-            asp_masks = [nm_mask(t.param.detach(), n, m, t.group_dim) for t in targets]
-            with torch.no_grad():
-                for t, mask in zip(targets, asp_masks):
-                    t.param.mul_(mask)
-        opt.zero_grad(set_to_none=True)
-        loss = task.loss(model, gen)
-        loss.backward()
-        opt.step()
-        schedule.step()
-        if asp_masks is not None:
-            with torch.no_grad():
-                for t, mask in zip(targets, asp_masks):
-                    t.param.mul_(mask)
+            asp_masks = asp_prune(model, task, config.sparsity)
+        loss = train_step(task, model, opt, schedule, gen, asp_masks)
         flip_rate = opt.stats()["flip_rate"] if config.recipe in ("srste", "step") else None
         if flip_rate is not None:
             flips.append((step, flip_rate))

@@ -33,11 +33,10 @@ from typing import Dict, List, Optional
 import torch
 
 from step_kernels import STEP
-from step_kernels.reference import nm_mask, parse_sparsity
-from step_kernels.targets import find_targets
+from step_kernels.reference import parse_sparsity
 
 from .._common import git_commit
-from .run import BETAS, EPS, WEIGHT_DECAY, lr_factor
+from .run import BETAS, EPS, WEIGHT_DECAY, asp_prune, batch_generator, lr_factor, train_step
 from .tasks import TASKS
 
 BRANCHES = ("dense", "asp", "srste", "step")
@@ -59,14 +58,7 @@ def _continue(branch: str, task, model: torch.nn.Module, adamw_state: Dict, spar
     opt = STEP.from_adamw(model, adamw_state, sparsity=sparsity, exclude=task.exclude, weight_decay=WEIGHT_DECAY,
                           lr=lr, betas=BETAS, eps=EPS, recipe=recipe, **extra)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(at + s, steps))
-    masks = None
-    if branch == "asp":
-        n, m = parse_sparsity(sparsity)
-        targets = find_targets(model, exclude=task.exclude)
-        masks = [(t.param, nm_mask(t.param.detach(), n, m, t.group_dim)) for t in targets]
-        with torch.no_grad():
-            for p, mask in masks:
-                p.mul_(mask)
+    masks = asp_prune(model, task, sparsity) if branch == "asp" else None
     gen = torch.Generator()
     gen.set_state(generator_state)
     curve: List[Dict] = []
@@ -74,15 +66,7 @@ def _continue(branch: str, task, model: torch.nn.Module, adamw_state: Dict, spar
         curve.append({"after": 0, **task.evaluate(model)})  # pruned, not yet trained
     flips: List[float] = []
     for k in range(1, after + 1):
-        opt.zero_grad(set_to_none=True)
-        loss = task.loss(model, gen)
-        loss.backward()
-        opt.step()
-        schedule.step()
-        if masks is not None:
-            with torch.no_grad():
-                for p, mask in masks:
-                    p.mul_(mask)
+        loss = train_step(task, model, opt, schedule, gen, masks)
         flip_rate = opt.stats()["flip_rate"] if recipe != "dense" else None
         if flip_rate is not None:  # None at a mask's first step (nothing to flip from)
             flips.append(flip_rate)
@@ -107,12 +91,9 @@ def probe(task_name: str, sparsity: str, seed: int, lr: float, at: int, after: i
     model = task.build(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, task.steps))
-    gen = torch.Generator().manual_seed(1_000_003 * seed + 17)  # the study's batch order (run.train)
-    for step in range(1, at + 1):
-        opt.zero_grad(set_to_none=True)
-        task.loss(model, gen).backward()
-        opt.step()
-        schedule.step()
+    gen = batch_generator(seed)  # the study's batch order
+    for _ in range(at):
+        train_step(task, model, opt, schedule, gen)
     fork = task.evaluate(model)
     if progress:
         progress(f"    fork at step {at}: {task.metric} {fork[task.metric]:.4f}")

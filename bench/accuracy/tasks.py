@@ -243,7 +243,7 @@ class FineTuneLM(TinyGPTLM):
         path = os.path.join(CACHE_DIR, f"pretrained-s{seed}-{PRETRAIN_STEPS}.pt")
         if os.path.exists(path):
             return torch.load(path, weights_only=True)
-        from .run import BETAS, EPS, WEIGHT_DECAY, lr_factor
+        from .run import BETAS, EPS, WEIGHT_DECAY, lr_factor, train_step
 
         pretrain = TinyGPTLM()
         model = pretrain.build(seed)
@@ -252,10 +252,7 @@ class FineTuneLM(TinyGPTLM):
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, PRETRAIN_STEPS))
         gen = torch.Generator().manual_seed(7919 * seed + 1)
         for _ in range(PRETRAIN_STEPS):
-            opt.zero_grad(set_to_none=True)
-            pretrain.loss(model, gen).backward()
-            opt.step()
-            schedule.step()
+            train_step(pretrain, model, opt, schedule, gen)
         state = {"model": model.state_dict(), "adamw": opt.state_dict(),
                  "val_loss": pretrain.evaluate(model)["val_loss"]}
         os.makedirs(CACHE_DIR, exist_ok=True)
