@@ -556,14 +556,20 @@ def test_add_param_group_creates_state_and_bad_group_is_not_added():
     assert len(opt.param_groups) == 2
 
 
-def test_from_adamw_continues_the_dense_run():
-    model = tiny_gpt()
+def five_adamw_steps(model: nn.Module) -> torch.optim.AdamW:
+    """The dense run that STEP.from_adamw continues in these tests: 5 AdamW steps on ``model``."""
     adamw = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0, foreach=False)
     for step in range(5):
         adamw.zero_grad()
         x, y = batch(step, "cpu")
         model.loss(x, y).backward()
         adamw.step()
+    return adamw
+
+
+def test_from_adamw_continues_the_dense_run():
+    model = tiny_gpt()
+    adamw = five_adamw_steps(model)
     peer_model = tiny_gpt(seed=9)
     peer_model.load_state_dict(model.state_dict())
     peer = torch.optim.AdamW(peer_model.parameters(), lr=2e-3, weight_decay=0.0, foreach=False)
@@ -580,6 +586,31 @@ def test_from_adamw_continues_the_dense_run():
     assert opt.phase == "sparse" and opt.switch_step == 7
     with pytest.raises(ValueError, match="covers"):
         sk.STEP.from_adamw(nn.Linear(4, 4), adamw.state_dict())
+
+
+def test_from_adamw_switch_at_the_adamw_step_count_switches_when_built():
+    model = tiny_gpt()
+    adamw = five_adamw_steps(model)
+    state = adamw.state_dict()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"switch=4 lies before the AdamW run's step count 5"):
+        sk.STEP.from_adamw(model, state, switch=4, backend="reference")
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    opt = sk.STEP.from_adamw(model, state, switch=5, backend="reference")
+    assert opt.phase == "sparse" and opt.switch_step == 5 and opt.step_count == 5
+    pids = dict(zip(model.parameters(), state["param_groups"][0]["params"]))
+    targets = list(opt._targets())
+    assert targets
+    for _, p, group in targets:
+        v = state["state"][pids[p]]["exp_avg_sq"]
+        # v frozen as AdamW left it: the reference's preconditioner of AdamW's v at step 5
+        unfed = ref.unfed_preconditioner(int(torch.count_nonzero(v)), v.sum(dtype=torch.float64).item(),
+                                         beta2=group["betas"][1], step=5, precond_eps=opt.precond_eps)
+        expected = ref.preconditioner(v, beta2=group["betas"][1], step=5, precond_eps=opt.precond_eps, unfed=unfed)
+        assert torch.equal(opt.state[p]["precond"], expected)
+        n, m = ref.parse_sparsity(group["sparsity"])
+        master = opt.state[p]["master"]
+        assert torch.equal(p.detach(), master * ref.nm_mask(master, n, m, group["nm_dim"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -900,32 +931,3 @@ def test_grads_are_never_written_into(recipe, backend):
         for p, g in zip(model.parameters(), grads):
             assert torch.equal(p.grad, g)
 
-
-def test_from_adamw_switch_at_the_adamw_step_count_switches_when_built():
-    model = tiny_gpt()
-    adamw = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0, foreach=False)
-    for step in range(5):
-        adamw.zero_grad()
-        x, y = batch(step, "cpu")
-        model.loss(x, y).backward()
-        adamw.step()
-    state = adamw.state_dict()
-    before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(ValueError, match=r"switch=4 lies before the AdamW run's step count 5"):
-        sk.STEP.from_adamw(model, state, switch=4, backend="reference")
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
-    opt = sk.STEP.from_adamw(model, state, switch=5, backend="reference")
-    assert opt.phase == "sparse" and opt.switch_step == 5 and opt.step_count == 5
-    pids = dict(zip(model.parameters(), state["param_groups"][0]["params"]))
-    targets = list(opt._targets())
-    assert targets
-    for _, p, group in targets:
-        v = state["state"][pids[p]]["exp_avg_sq"]
-        # v frozen as AdamW left it: the reference's preconditioner of AdamW's v at step 5
-        unfed = ref.unfed_preconditioner(int(torch.count_nonzero(v)), v.sum(dtype=torch.float64).item(),
-                                         beta2=group["betas"][1], step=5, precond_eps=opt.precond_eps)
-        expected = ref.preconditioner(v, beta2=group["betas"][1], step=5, precond_eps=opt.precond_eps, unfed=unfed)
-        assert torch.equal(opt.state[p]["precond"], expected)
-        n, m = ref.parse_sparsity(group["sparsity"])
-        master = opt.state[p]["master"]
-        assert torch.equal(p.detach(), master * ref.nm_mask(master, n, m, group["nm_dim"]))
