@@ -990,7 +990,7 @@ class STEP(torch.optim.Optimizer):
                     state["exp_avg_sq"].copy_(entry["exp_avg_sq"])
                 state["step"] = step  # as AdamW's own count: every parameter with state has the same
         opt._set_global("step", step)
-        if opt.recipe == "step" and isinstance(opt.switch, int) and step >= 1 and opt.switch == step:
+        if opt.recipe == "step" and isinstance(opt.switch, int) and opt.switch == step:  # switch >= 1
             with torch.no_grad():
                 opt._do_switch(step)  # the end of step `switch` is now: phase 2 from the next step
         return opt
