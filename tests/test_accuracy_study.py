@@ -142,6 +142,29 @@ def test_paired_comparison_matches_seeds_and_counts_wins():
     assert study.paired(a[:1], b) is None
 
 
+def test_headline_table_shows_each_tuned_recipe_per_ratio_with_the_paired_step_test():
+    results = {}
+    lr = study.LR_GRID[1]
+    _tune(results, "lm", study.LR_GRID, {r: lr for r in study.RECIPES})
+    values = {"dense": (1.40, 1.41, 1.42), "asp": (1.50, 1.52, 1.51), "srste": (1.60, 1.62, 1.64),
+              "step": (1.55, 1.63, 1.60)}
+    for recipe, losses in values.items():
+        for seed, loss in enumerate(losses):
+            config = RunConfig("lm", recipe, None if recipe == "dense" else "2:4", lr, seed)
+            results[config.run_id] = {"run_id": config.run_id, "metric": "val_loss", "final": {"val_loss": loss},
+                                      "config": {"seed": seed, "task": "lm"}}
+    header, _, *rows, blank = study.headline_table(results)
+    assert header.split(" | ")[2:6] == ["dense", "ASP", "SR-STE", "STEP"] and blank == ""
+    assert [row.split(" | ")[1] for row in rows] == TASKS["lm"].sparsities  # digits, gpt2, ft: not tuned
+    cells = rows[0].strip("| ").split(" | ")
+    assert cells[2:6] == [study._stats(list(values[r])) for r in study.RECIPES]
+    diffs = [a - b for a, b in zip(values["step"], values["srste"])]
+    assert cells[6].startswith(f"{statistics.fmean(diffs):+.4f} (p = ") and cells[6].endswith("better on 2 of 3 seeds)")
+    one_eight = rows[1].strip("| ").split(" | ")
+    assert one_eight[2] == cells[2] and one_eight[3:] == ["-"] * 4  # dense repeats; no 1:8 runs yet
+    assert study.headline_table({}) == []
+
+
 def test_planned_total_counts_the_whole_plan_once_tuned():
     results = {}
     for task in study.TASK_ORDER:

@@ -44,6 +44,7 @@ LR_GRID = (1e-3, 2e-3, 4e-3, 8e-3)
 MAX_GRID_EXTENSIONS = 2
 TUNE_SPARSITY = "2:4"
 SWEEP = {"lm": ("2:4", "1:8"), "gpt2": ("2:4",)}  # the switch-point sweep: task -> ratios
+RECIPE_TITLES = {"dense": "dense", "asp": "ASP", "srste": "SR-STE", "step": "STEP"}
 
 
 def load_results(results_dir: str = RESULTS_DIR) -> Dict[str, Dict]:
@@ -313,6 +314,30 @@ def summary_tables(results: Dict[str, Dict]) -> str:
     return "\n".join(lines)
 
 
+def headline_table(results: Dict[str, Dict]) -> List[str]:
+    """Markdown lines: one row per task x ratio with every recipe's mean ± std at its tuned lr
+    (dense repeated on each ratio of its task) and STEP minus SR-STE paired by seed; tasks whose
+    tuning is not final are left out."""
+    rows = []
+    for task in TASK_ORDER:
+        lrs = {recipe: tuned_lr(task, recipe, results) for recipe in RECIPES}
+        if any(lr is None for lr in lrs.values()):
+            continue
+        t = TASKS[task]
+        label = f"{task}, {t.metric} ({'higher' if t.higher_is_better else 'lower'} is better)"
+        for sparsity in t.sparsities:
+            runs = {recipe: seed_runs(results, task, recipe, sparsity, lrs[recipe]) for recipe in RECIPES}
+            cells = [_stats([_value(r) for r in runs[recipe]]) for recipe in RECIPES]
+            test = paired(runs["step"], runs["srste"])
+            versus = "-" if test is None else (f"{test[0]:+.4f} (p = {test[1]:.2g}; STEP better on "
+                                              f"{test[2]} of {test[3]} seeds)")
+            rows.append(f"| {label} | {sparsity} | {' | '.join(cells)} | {versus} |")
+    if not rows:
+        return []
+    return ["| task, metric | N:M | " + " | ".join(RECIPE_TITLES[r] for r in RECIPES)
+            + " | STEP minus SR-STE, paired by seed |", "|" + "---|" * (len(RECIPES) + 3), *rows, ""]
+
+
 def _paired_lines(results: Dict[str, Dict], task: str) -> List[str]:
     """Markdown lines: STEP minus SR-STE per ratio, paired by seed, each at its tuned lr."""
     step_lr, srste_lr = tuned_lr(task, "step", results), tuned_lr(task, "srste", results)
@@ -529,10 +554,15 @@ def cmd_report(args) -> None:
         plots.append("![autoswitch](bench/accuracy/autoswitch.png)")
     machines = sorted({f"{r['threads']} thread(s), torch {r['torch']}, Python {r['python']}, backend {r['backend']}"
                        for r in results.values()})
+    commits = sorted({r["commit"][:7] for r in results.values()})
+    made_on = (f"Made on a 2-core x86_64 CPU VM with {'; '.join(machines) or 'no runs yet'}, by commit(s) "
+               f"{', '.join(f'`{c}`' for c in commits) or '-'} of the study code.")
+    headline = headline_table(results)
+    if headline:
+        headline = ["Every recipe at its tuned peak lr, final metric, mean ± std over seeds:", "", *headline]
     steps = TASKS["lm"].steps
     body = (f"{done} runs done of {max(len(configs), planned_total())} planned (the count grows if an lr grid "
-            f"has to grow). "
-            f"Made on a 2-core x86_64 CPU VM with {'; '.join(machines) or 'no runs yet'}. Regenerate with "
+            f"has to grow). {made_on} Regenerate with "
             f"`python -m bench.accuracy.study report`; continue with `python -m bench.accuracy.study run`.\n\n"
             f"Method (protocol v2, fixed before any of its results): every run trains {steps} steps with "
             f"AdamW betas {tuple(BETAS)}, eps 1e-8, weight decay {WEIGHT_DECAY:g}, the lr warmed up linearly over "
@@ -547,15 +577,21 @@ def cmd_report(args) -> None:
             f"lm corpus, then every recipe continues the pretrained model and its AdamW state on other "
             f"standard-library packages (STEP through `STEP.from_adamw`; ASP prunes at once). The corpora are "
             f"standard-library sources, so they depend on the Python version (recorded per run).\n\n"
-            f"{tables}\n" + "\n".join(plots) + _probe_section()
+            + ("## Summary\n\n" + "\n".join(headline) + "\n## Every table\n\n" if headline else "")
+            + f"{tables}\n" + "\n".join(plots) + _probe_section()
             + "\n\nThe first study (protocol v1: 1000 steps, beta2 0.99, constant lr) is archived in "
             "[REPORT_v1.md](bench/accuracy/REPORT_v1.md).\n")
     with open(REPORT, "w") as f:
         f.write("# Accuracy study\n\n" + body.replace("](bench/accuracy/", "]("))
-    # The README gets a short status and a link; the tables, plots and method live in REPORT.md only.
-    status = (f"{done} runs done of {max(len(configs), planned_total())} planned. Tables, plots and method: "
-              f"[bench/accuracy/REPORT.md](bench/accuracy/REPORT.md) (regenerate with "
-              f"`python -m bench.accuracy.study report`; continue with `python -m bench.accuracy.study run`).\n")
+    # The README gets the headline: every recipe per task and ratio, AutoSwitch against the sweep and
+    # the sweep's plots; the tuning grids, curves, probes and method live in REPORT.md.
+    sweep_plots = [p for p in plots if "switch-point sweep" in p]
+    status = "\n".join([
+        f"Protocol v2: {done} runs done of {max(len(configs), planned_total())} planned. {made_on} Method, "
+        f"tuning grids, curves and every table: [bench/accuracy/REPORT.md](bench/accuracy/REPORT.md) "
+        f"(regenerate with `python -m bench.accuracy.study report`; continue with "
+        f"`python -m bench.accuracy.study run`).", "",
+        *headline, *_autoswitch_table(results), *sweep_plots]).rstrip("\n") + "\n"
     with open(README) as f:
         readme = f.read()
     begin, end = "<!-- accuracy:begin -->", "<!-- accuracy:end -->"
