@@ -190,6 +190,7 @@ def test_switch_probe_forks_one_dense_run_into_continuations_on_the_same_batches
     from bench.accuracy import switch_probe
     from bench.accuracy.run import BETAS, EPS, WEIGHT_DECAY
     from step_kernels.reference import parse_sparsity
+    from step_kernels.targets import find_targets
 
     at, after, lr = 5, 10, 4e-3
     result = switch_probe.probe("lm", "1:8", 0, lr, at, after)
@@ -199,15 +200,33 @@ def test_switch_probe_forks_one_dense_run_into_continuations_on_the_same_batches
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, task.steps))
     gen = torch.Generator().manual_seed(1_000_003 * 0 + 17)
-    for _ in range(at + after):
+    targets = [t.param for t in find_targets(model, exclude=task.exclude)]
+
+    def v_hat_sum():
+        return sum(float(opt.state[p]["exp_avg_sq"].double().sum()) / (1 - BETAS[1] ** float(opt.state[p]["step"]))
+                   for p in targets)
+
+    energy = []
+    for k in range(at + after):
         opt.zero_grad(set_to_none=True)
         task.loss(model, gen).backward()
+        if k == at:
+            v_hat_fork = v_hat_sum()
         opt.step()
         schedule.step()
+        if k >= at:
+            energy.append(sum(float(p.grad.double().square().sum()) for p in targets))
     straight = task.evaluate(model)["val_loss"]
     dense = result["branches"]["dense"]["curve"][-1]
     assert dense["after"] == after
     assert dense["val_loss"] == pytest.approx(straight, rel=1e-5)  # fp32 AdamW vs STEP's dense recipe
+    # The gradient energy and v growth it records are torch AdamW's on the same steps.
+    assert result["v_hat_fork"] == pytest.approx(v_hat_fork, rel=1e-5)
+    grown = result["branches"]["dense"]
+    assert grown["grad_energy_mean"] == pytest.approx(sum(energy) / after / v_hat_fork, rel=1e-4)
+    assert grown["grad_energy_first10"] == pytest.approx(sum(energy[:10]) / 10 / v_hat_fork, rel=1e-4)
+    assert grown["v_hat_growth"] == pytest.approx(v_hat_sum() / v_hat_fork, rel=1e-4)
+    assert result["branches"]["step"]["v_hat_growth"] is None  # frozen: no v to grow
     # Every branch starts from the same model: ASP's +0 is the pruned fork, worse than the fork itself.
     asp = result["branches"]["asp"]["curve"]
     assert asp[0]["after"] == 0 and asp[0]["val_loss"] > result["fork"]["val_loss"]

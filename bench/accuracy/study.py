@@ -534,7 +534,11 @@ def _probe_section() -> str:
             "step `at` into four continuations on the same batches (`python -m bench.accuracy.switch_probe "
             "--sparsity N:M --seed S --at STEP`): dense; ASP (magnitude prune at the fork, mask fixed; +0 is the "
             "pruned model before any step); SR-STE with live v; STEP's phase 2 (SR-STE with v frozen at the "
-            "fork). SR-STE and STEP differ only in v.\n\n" + "\n".join(table))
+            "fork). SR-STE and STEP differ only in v. Gradient energy: per step, the targets' summed g^2 over "
+            "their summed bias-corrected v at the fork (about 1 when training goes on as before the fork; a frozen "
+            "preconditioner's steps grow about as its square root), mean over the first 10 and over all steps "
+            "after the fork; v_hat growth: the summed bias-corrected v at the end over the fork's (live v only)."
+            "\n\n" + "\n".join(table))
 
 
 def cmd_report(args) -> None:
