@@ -5,7 +5,8 @@
 order (each result is one JSON file under ``bench/accuracy/results/``, so the study resumes where
 it stopped and can be spread over many sessions); ``python -m bench.accuracy.study report``
 writes ``bench/accuracy/REPORT.md`` and its plots from the committed results, and writes
-a short status with a link to the report into the top-level README between the ``accuracy`` markers.
+its headline (every recipe per task and ratio, AutoSwitch against the sweep, the sweep plots) with a
+link to the report into the top-level README between the ``accuracy`` markers.
 
 The plan, fixed before any result of it was seen, the same for every recipe (see ``run.py`` for
 the training protocol):
