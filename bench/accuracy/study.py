@@ -527,9 +527,11 @@ def _plot_autoswitch(results: Dict[str, Dict], path: str) -> bool:
 
 def _probe_section() -> str:
     """REPORT.md's section on the switch probes (``bench/accuracy/switch_probe.py``), if any ran."""
-    table = probe_table(load_probes())
+    probes = load_probes()
+    table = probe_table(probes)
     if not table:
         return ""
+    commits = ", ".join(f"`{c}`" for c in sorted({p["commit"][:7] for p in probes}))
     return ("\n\n## What happens at the switch (diagnostic)\n\n"
             "Not part of the protocol and tuning nothing: one dense AdamW run of the study's schedule, forked at "
             "step `at` into four continuations on the same batches (`python -m bench.accuracy.switch_probe "
@@ -538,8 +540,8 @@ def _probe_section() -> str:
             "fork). SR-STE and STEP differ only in v. Gradient energy: per step, the targets' summed g^2 over "
             "their summed bias-corrected v at the fork (about 1 when training goes on as before the fork; a frozen "
             "preconditioner's steps grow about as its square root), mean over the first 10 and over all steps "
-            "after the fork; v_hat growth: the summed bias-corrected v at the end over the fork's (live v only)."
-            "\n\n" + "\n".join(table))
+            "after the fork; v_hat growth: the summed bias-corrected v at the end over the fork's (live v only). "
+            f"Made on the same machine, 1 thread, by commit(s) {commits}.\n\n" + "\n".join(table))
 
 
 def cmd_report(args) -> None:
