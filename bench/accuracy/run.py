@@ -195,15 +195,72 @@ def result_path(results_dir: str, config: RunConfig) -> str:
     return os.path.join(results_dir, config.task, f"{config.run_id}.json")
 
 
-def run_if_missing(config: RunConfig, results_dir: str, progress=None) -> Optional[Dict]:
-    """Train ``config`` unless its result file exists; write the result atomically."""
-    path = result_path(results_dir, config)
-    if os.path.exists(path):
+def claim_path(results_dir: str, config: RunConfig) -> str:
+    """The file a worker holds while it trains ``config``: ``<result>.claim``, holding the
+    worker's host and pid."""
+    return result_path(results_dir, config) + ".claim"
+
+
+def _claim_holder(path: str) -> Optional[Tuple[str, int]]:
+    """``(host, pid)`` of a live claim at ``path``, or None when there is none or its process has
+    ended (a claim left by a killed worker on this host is stale)."""
+    try:
+        with open(path) as f:
+            host, pid = f.read().split()
+    except (FileNotFoundError, ValueError):
         return None
-    result = train(config, progress=progress)
+    if host != platform.node():
+        return host, int(pid)  # another machine's worker: it cannot be checked, so it holds
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, another user's
+    return host, int(pid)
+
+
+def is_claimed(results_dir: str, config: RunConfig) -> bool:
+    """Whether another live worker is training ``config`` now."""
+    holder = _claim_holder(claim_path(results_dir, config))
+    return holder is not None and holder != (platform.node(), os.getpid())
+
+
+def _claim(path: str) -> bool:
+    """Create the claim at ``path`` for this process (atomically); a stale claim is taken over."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, path)
-    return result
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if _claim_holder(path) is not None:
+                return False
+            try:
+                os.remove(path)  # stale: its worker has ended
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{platform.node()} {os.getpid()}\n")
+        return True
+    return False
+
+
+def run_if_missing(config: RunConfig, results_dir: str, progress=None) -> Optional[Dict]:
+    """Train ``config`` unless its result file exists or another live worker has claimed it;
+    write the result atomically. Workers sharing ``results_dir`` on one machine never train the
+    same run twice: each claims a run (an exclusive ``.claim`` file) before training it."""
+    path = result_path(results_dir, config)
+    if os.path.exists(path) or not _claim(claim_path(results_dir, config)):
+        return None
+    try:
+        if os.path.exists(path):  # finished by another worker between the check and the claim
+            return None
+        result = train(config, progress=progress)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(tmp, path)
+        return result
+    finally:
+        os.remove(claim_path(results_dir, config))

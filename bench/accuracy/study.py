@@ -3,7 +3,9 @@
 ``python -m bench.accuracy.study plan`` lists every run and whether its result exists;
 ``python -m bench.accuracy.study run [--max-minutes M] [--task lm]`` trains missing runs in plan
 order (each result is one JSON file under ``bench/accuracy/results/``, so the study resumes where
-it stopped and can be spread over many sessions); ``python -m bench.accuracy.study report``
+it stopped and can be spread over many sessions; several ``run`` processes on one machine share
+the work: each claims a run before training it, e.g. one per core with ``--threads 1``);
+``python -m bench.accuracy.study report``
 writes ``bench/accuracy/REPORT.md`` and its plots from the committed results, and writes
 its headline (every recipe per task and ratio, AutoSwitch against the sweep, the sweep plots) with a
 link to the report into the top-level README between the ``accuracy`` markers.
@@ -32,7 +34,17 @@ import statistics
 import time
 from typing import Dict, Iterator, List, Optional, Tuple
 
-from .run import ASP_DENSE_FRACTION, BETAS, RECIPES, SWITCH_POINTS, WEIGHT_DECAY, RunConfig, result_path, run_if_missing
+from .run import (
+    ASP_DENSE_FRACTION,
+    BETAS,
+    RECIPES,
+    SWITCH_POINTS,
+    WEIGHT_DECAY,
+    RunConfig,
+    is_claimed,
+    result_path,
+    run_if_missing,
+)
 from .switch_probe import load_probes, probe_table
 from .tasks import PRETRAIN_LR, PRETRAIN_STEPS, TASKS
 
@@ -45,6 +57,7 @@ LR_GRID = (1e-3, 2e-3, 4e-3, 8e-3)
 MAX_GRID_EXTENSIONS = 2
 TUNE_SPARSITY = "2:4"
 SWEEP = {"lm": ("2:4", "1:8"), "gpt2": ("2:4",)}  # the switch-point sweep: task -> ratios
+CLAIM_POLL_S = 30  # run: how often a worker whose every planned run is held by others looks again
 RECIPE_TITLES = {"dense": "dense", "asp": "ASP", "srste": "SR-STE", "step": "STEP"}
 
 
@@ -184,6 +197,7 @@ def cmd_run(args) -> None:
 
         torch.set_num_threads(args.threads)
     deadline = time.time() + args.max_minutes * 60 if args.max_minutes else None
+    waiting = False
     while True:
         results = load_results(args.results)
         todo = [c for c in _unique(plan(results, args.tasks)) if c.run_id not in results]
@@ -193,7 +207,15 @@ def cmd_run(args) -> None:
         if deadline is not None and time.time() > deadline:
             print(f"stopping: --max-minutes {args.max_minutes} reached; {len(todo)} runs left")
             return
-        config = todo[0]
+        free = [c for c in todo if not is_claimed(args.results, c)]
+        if not free:  # other workers hold every run planned now; theirs may unlock more (tuning)
+            if not waiting:
+                print(f"waiting: other workers are training the {len(todo)} runs planned now", flush=True)
+            waiting = True
+            time.sleep(CLAIM_POLL_S)
+            continue
+        waiting = False
+        config = free[0]
         print(f"[{len(results) + 1}/{planned_total(args.tasks)}] {config.run_id}; {_plan_eta(results, todo)}",
               flush=True)
         start = time.time()
@@ -614,7 +636,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("plan", "run", "report"))
     parser.add_argument("--task", dest="tasks", action="append", choices=TASK_ORDER,
-                        help="restrict to a task (repeatable); default: all, in the order lm, digits, gpt2")
+                        help="restrict to a task (repeatable); default: all, in the order lm, digits, gpt2, ft")
     parser.add_argument("--max-minutes", type=float, default=None, help="run: stop starting runs after this")
     parser.add_argument("--threads", type=int, default=None, help="run: torch threads (default: torch's)")
     parser.add_argument("--results", default=RESULTS_DIR)
