@@ -475,36 +475,41 @@ def _plot(results: Dict[str, Dict], task: str, path: str) -> bool:
 
 
 def _plot_sweep(results: Dict[str, Dict], task: str, path: str) -> bool:
-    """The sweep: the metric against the switch point (mean ± std over seeds), AutoSwitch marked."""
+    """The sweep, one panel per ratio: the metric against the switch point (mean ± std over
+    seeds), AutoSwitch marked at its mean switch step, SR-STE and dense as reference lines."""
     plt = _pyplot()
 
     lr = tuned_lr(task, "step", results)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    drawn = False
+    ratios = SWEEP.get(task, ()) if lr else ()
     steps = TASKS[task].steps
-    for sparsity in SWEEP.get(task, ()) if lr else ():
+    fig, axes = plt.subplots(1, max(1, len(ratios)), figsize=(5 * max(1, len(ratios)), 4), squeeze=False)
+    drawn = False
+    for ax, sparsity in zip(axes[0], ratios):
         points = [(p, [_value(r) for r in seed_runs(results, task, "step", sparsity, lr, p)]) for p in SWITCH_POINTS]
         points = [(p, v) for p, v in points if v]
         if not points:
             continue
-        xs = [p * steps / 100 for p, _ in points]
-        ys = [statistics.fmean(v) for _, v in points]
-        err = [statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in points]
-        line = ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=f"{sparsity}, fixed switch")
+        ax.errorbar([p * steps / 100 for p, _ in points], [statistics.fmean(v) for _, v in points],
+                    yerr=[statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in points], marker="o", capsize=3,
+                    label="STEP, fixed switch")
         auto = seed_runs(results, task, "step", sparsity, lr)
         if auto:
-            color = line[0].get_color()
-            ax.errorbar([statistics.fmean(r["switch_step"] for r in auto)],
-                        [statistics.fmean(_value(r) for r in auto)],
-                        xerr=[[0], [0]] if len(auto) < 2 else None, marker="*", markersize=14, color=color, ls="",
-                        label=f"{sparsity}, AutoSwitch (mean switch step)")
-        drawn = True
-    if drawn:
-        ax.set_xlabel("switch step (optimizer steps; run length %d)" % steps)
+            values = [_value(r) for r in auto]
+            ax.errorbar([statistics.fmean(r["switch_step"] for r in auto)], [statistics.fmean(values)],
+                        yerr=[statistics.stdev(values) if len(values) > 1 else 0.0], marker="*", markersize=14,
+                        capsize=3, ls="", label="STEP, AutoSwitch (mean switch step)")
+        for recipe, style in (("srste", "--"), ("dense", ":")):
+            peers = [_value(r) for r in seed_runs(results, task, recipe, sparsity, tuned_lr(task, recipe, results))]
+            if peers:
+                ax.axhline(statistics.fmean(peers), color="gray", ls=style, lw=1,
+                           label=f"{RECIPE_TITLES[recipe]} (mean of {len(peers)} seeds)")
+        ax.set_title(f"{task} {sparsity}: STEP's switch point", fontsize=10)
+        ax.set_xlabel(f"switch step (optimizer steps; run length {steps})")
         ax.set_ylabel(f"final {TASKS[task].metric} (validation; mean ± std over seeds)")
-        ax.set_title(f"{task}: STEP's switch point", fontsize=10)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
+        drawn = True
+    if drawn:
         fig.tight_layout()
         fig.savefig(path, dpi=110)
     plt.close(fig)
