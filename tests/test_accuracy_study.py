@@ -120,36 +120,49 @@ def test_fine_tuning_continues_the_pretraining_adamw_state(monkeypatch, tmp_path
     assert asp["pattern_ok"] is True  # pruned at once: the pretrained model is the one ASP masks
 
 
+def _hold_lock(path):
+    """A separate process holding an exclusive flock on ``path`` (a worker training that run)."""
+    import sys
+
+    code = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code, path], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
 def test_workers_sharing_a_results_folder_claim_each_run_once(monkeypatch, tmp_path):
     import os
-    import platform
 
     from bench.accuracy import run
 
     trained = []
 
     def fake_train(config, progress=None):
-        assert os.path.exists(run.claim_path(str(tmp_path), config))  # held while it trains
+        assert run.is_claimed(str(tmp_path), config)  # held while it trains
         trained.append(config.run_id)
         return {"run_id": config.run_id}
 
     monkeypatch.setattr(run, "train", fake_train)
-    held, stale, free = (RunConfig("lm", "srste", "2:4", 1e-3, s) for s in range(3))
+    held, left, free = (RunConfig("lm", "srste", "2:4", 1e-3, s) for s in range(3))
     os.makedirs(os.path.dirname(run.claim_path(str(tmp_path), held)))
-    with open(run.claim_path(str(tmp_path), held), "w") as f:
-        f.write(f"{platform.node()} {os.getppid()}\n")  # a live worker (this test's parent process)
-    ended = subprocess.Popen(["true"])
-    ended.wait()
-    with open(run.claim_path(str(tmp_path), stale), "w") as f:
-        f.write(f"{platform.node()} {ended.pid}\n")  # a worker that was killed
-    assert run.is_claimed(str(tmp_path), held) and not run.is_claimed(str(tmp_path), stale)
-    assert run.run_if_missing(held, str(tmp_path)) is None and trained == []
-    assert run.run_if_missing(stale, str(tmp_path)) == {"run_id": stale.run_id}  # taken over
-    assert run.run_if_missing(free, str(tmp_path)) == {"run_id": free.run_id}
-    assert trained == [stale.run_id, free.run_id]
-    for config in (stale, free):
+    holder = _hold_lock(run.claim_path(str(tmp_path), held))
+    try:
+        with open(run.claim_path(str(tmp_path), left), "w"):
+            pass  # the claim file of a worker that was killed: nobody holds its lock
+        assert run.is_claimed(str(tmp_path), held) and not run.is_claimed(str(tmp_path), left)
+        assert not run.is_claimed(str(tmp_path), free)
+        assert run.run_if_missing(held, str(tmp_path)) is None and trained == []
+        assert run.run_if_missing(left, str(tmp_path)) == {"run_id": left.run_id}  # taken over
+        assert run.run_if_missing(free, str(tmp_path)) == {"run_id": free.run_id}
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not run.is_claimed(str(tmp_path), held)  # its worker ended: the lock went with it
+    assert trained == [left.run_id, free.run_id]
+    for config in (left, free):
         assert os.path.exists(run.result_path(str(tmp_path), config))
-        assert not os.path.exists(run.claim_path(str(tmp_path), config))  # released after the run
+        assert not os.path.exists(run.claim_path(str(tmp_path), config))  # removed after the run
     assert run.run_if_missing(free, str(tmp_path)) is None and len(trained) == 2  # done: not again
 
     def failing_train(config, progress=None):
@@ -159,19 +172,17 @@ def test_workers_sharing_a_results_folder_claim_each_run_once(monkeypatch, tmp_p
     broken = RunConfig("lm", "step", "2:4", 1e-3, 0)
     with pytest.raises(RuntimeError, match="diverged"):
         run.run_if_missing(broken, str(tmp_path))
-    assert not os.path.exists(run.claim_path(str(tmp_path), broken))  # a failed run frees its claim
+    assert not run.is_claimed(str(tmp_path), broken)  # a failed run frees its claim
 
 
 def test_study_run_skips_the_runs_other_workers_hold(monkeypatch, tmp_path):
     import os
-    import platform
 
     from bench.accuracy import run
 
     first, second = study._unique(study.plan({}, ("lm",)))[:2]
     os.makedirs(os.path.dirname(run.claim_path(str(tmp_path), first)))
-    with open(run.claim_path(str(tmp_path), first), "w") as f:
-        f.write(f"{platform.node()} {os.getppid()}\n")
+    holder = _hold_lock(run.claim_path(str(tmp_path), first))
     chosen = []
 
     class Chosen(Exception):
@@ -182,8 +193,12 @@ def test_study_run_skips_the_runs_other_workers_hold(monkeypatch, tmp_path):
         raise Chosen
 
     monkeypatch.setattr(study, "run_if_missing", record)
-    with pytest.raises(Chosen):
-        study.main(["run", "--task", "lm", "--results", str(tmp_path)])
+    try:
+        with pytest.raises(Chosen):
+            study.main(["run", "--task", "lm", "--results", str(tmp_path)])
+    finally:
+        holder.kill()
+        holder.wait()
     assert chosen == [second]
 
 

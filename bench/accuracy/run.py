@@ -16,13 +16,14 @@ the steps instead: the switch-point sweep.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import platform
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -196,71 +197,61 @@ def result_path(results_dir: str, config: RunConfig) -> str:
 
 
 def claim_path(results_dir: str, config: RunConfig) -> str:
-    """The file a worker holds while it trains ``config``: ``<result>.claim``, holding the
-    worker's host and pid."""
+    """The lock file of ``config``'s run, ``<result>.claim``: a worker holds an exclusive
+    ``flock`` on it while it trains the run. The kernel drops the lock when the worker ends, however
+    it ends, so a killed worker leaves no claim behind."""
     return result_path(results_dir, config) + ".claim"
 
 
-def _claim_holder(path: str) -> Optional[Tuple[str, int]]:
-    """``(host, pid)`` of a live claim at ``path``, or None when there is none or its process has
-    ended (a claim left by a killed worker on this host is stale)."""
+@contextlib.contextmanager
+def _locked(path: str, create: bool = True) -> Iterator[bool]:
+    """Hold an exclusive lock on ``path`` for the ``with`` block when no other open of it holds
+    one; yields whether this process got it (False too when ``path`` is missing and not
+    ``create``)."""
+    import fcntl  # POSIX only, imported here so that the study's other code imports anywhere
+
+    if create:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
     try:
-        with open(path) as f:
-            host, pid = f.read().split()
-    except (FileNotFoundError, ValueError):
-        return None
-    if host != platform.node():
-        return host, int(pid)  # another machine's worker: it cannot be checked, so it holds
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+    except FileNotFoundError:
+        yield False
+        return
     try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass  # alive, another user's
-    return host, int(pid)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def is_claimed(results_dir: str, config: RunConfig) -> bool:
-    """Whether another live worker is training ``config`` now."""
-    holder = _claim_holder(claim_path(results_dir, config))
-    return holder is not None and holder != (platform.node(), os.getpid())
-
-
-def _claim(path: str) -> bool:
-    """Create the claim at ``path`` for this process (atomically); a stale claim is taken over."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if _claim_holder(path) is not None:
-                return False
-            try:
-                os.remove(path)  # stale: its worker has ended
-            except FileNotFoundError:
-                pass
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{platform.node()} {os.getpid()}\n")
-        return True
-    return False
+    """Whether a worker is training ``config`` now (its claim is locked)."""
+    path = claim_path(results_dir, config)
+    if not os.path.exists(path):
+        return False
+    with _locked(path, create=False) as got:
+        return not got and os.path.exists(path)
 
 
 def run_if_missing(config: RunConfig, results_dir: str, progress=None) -> Optional[Dict]:
-    """Train ``config`` unless its result file exists or another live worker has claimed it;
-    write the result atomically. Workers sharing ``results_dir`` on one machine never train the
-    same run twice: each claims a run (an exclusive ``.claim`` file) before training it."""
+    """Train ``config`` unless its result file exists or another worker has claimed it; write
+    the result atomically. Workers sharing ``results_dir`` on one machine never train the same run
+    twice: each holds the run's claim (:func:`claim_path`) while it trains it, and checks for the
+    result again once it holds it."""
     path = result_path(results_dir, config)
-    if os.path.exists(path) or not _claim(claim_path(results_dir, config)):
+    if os.path.exists(path):
         return None
-    try:
-        if os.path.exists(path):  # finished by another worker between the check and the claim
+    with _locked(claim_path(results_dir, config)) as got:
+        if not got or os.path.exists(path):
             return None
         result = train(config, progress=progress)
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(result, f, indent=1)
         os.replace(tmp, path)
+        os.remove(claim_path(results_dir, config))  # done; a failed run's claim stays, unlocked
         return result
-    finally:
-        os.remove(claim_path(results_dir, config))
