@@ -125,9 +125,11 @@ def _hold_lock(path):
     import sys
 
     code = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR); "
-            "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)")
+            "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); print('held', flush=True); time.sleep(120)")
     holder = subprocess.Popen([sys.executable, "-c", code, path], stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline() == "held\n"
+    line = holder.stdout.readline()  # "held", or "" at once if the lock was taken (LOCK_NB fails)
+    holder.stdout.close()
+    assert line == "held\n"
     return holder
 
 
@@ -173,6 +175,32 @@ def test_workers_sharing_a_results_folder_claim_each_run_once(monkeypatch, tmp_p
     with pytest.raises(RuntimeError, match="diverged"):
         run.run_if_missing(broken, str(tmp_path))
     assert not run.is_claimed(str(tmp_path), broken)  # a failed run frees its claim
+
+
+def test_a_run_finished_while_its_claim_was_taken_is_not_trained_again(monkeypatch, tmp_path):
+    import contextlib
+    import json
+    import os
+
+    from bench.accuracy import run
+
+    config = RunConfig("lm", "asp", "1:8", 1e-3, 1)
+    locked = run._locked
+
+    @contextlib.contextmanager
+    def finished_meanwhile(path, create=True):
+        with locked(path, create) as got:
+            with open(run.result_path(str(tmp_path), config), "w") as f:
+                json.dump({"run_id": config.run_id}, f)  # another worker's result, written before our lock
+            yield got
+
+    def must_not_train(config, progress=None):
+        raise AssertionError("trained a run whose result exists")
+
+    monkeypatch.setattr(run, "_locked", finished_meanwhile)
+    monkeypatch.setattr(run, "train", must_not_train)
+    os.makedirs(os.path.dirname(run.result_path(str(tmp_path), config)))
+    assert run.run_if_missing(config, str(tmp_path)) is None
 
 
 def test_study_run_skips_the_runs_other_workers_hold(monkeypatch, tmp_path):

@@ -212,18 +212,22 @@ def _locked(path: str, create: bool = True) -> Iterator[bool]:
 
     if create:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    try:
-        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
-    except FileNotFoundError:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    else:
+        try:
+            fd = os.open(path, os.O_RDONLY)  # flock needs no write access
+        except FileNotFoundError:
+            fd = None
+    if fd is None:
         yield False
         return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            got = True
         except BlockingIOError:
-            yield False
-            return
-        yield True
+            got = False
+        yield got
     finally:
         os.close(fd)  # releases the lock
 
@@ -252,6 +256,11 @@ def run_if_missing(config: RunConfig, results_dir: str, progress=None) -> Option
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(result, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())  # a crash must not leave an empty result that every reader trips on
         os.replace(tmp, path)
-        os.remove(claim_path(results_dir, config))  # done; a failed run's claim stays, unlocked
+        # Done: the result exists before the claim goes, so a worker that locks the claim after
+        # this sees the result. A failed run's claim stays, unlocked.
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(claim_path(results_dir, config))
         return result

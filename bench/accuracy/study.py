@@ -220,7 +220,9 @@ def cmd_run(args) -> None:
               flush=True)
         start = time.time()
         result = run_if_missing(config, args.results, progress=lambda s: print(s, flush=True))
-        if result is not None:
+        if result is None:  # another worker took it between the check and the claim: look again
+            time.sleep(1)
+        else:
             print(f"    -> {result['metric']} {result['final'][result['metric']]:.4f}, switch "
                   f"{result['switch_step']}, {time.time() - start:.0f} s -> {result_path(args.results, config)}",
                   flush=True)
