@@ -235,9 +235,7 @@ def _locked(path: str, create: bool = True) -> Iterator[bool]:
 def is_claimed(results_dir: str, config: RunConfig) -> bool:
     """Whether a worker is training ``config`` now (its claim is locked)."""
     path = claim_path(results_dir, config)
-    if not os.path.exists(path):
-        return False
-    with _locked(path, create=False) as got:
+    with _locked(path, create=False) as got:  # got is False for a missing claim too
         return not got and os.path.exists(path)
 
 

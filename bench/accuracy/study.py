@@ -578,14 +578,15 @@ def cmd_report(args) -> None:
     configs = _unique(plan(results))
     done = sum(c.run_id in results for c in configs)
     tables = summary_tables(results)
-    plots = []
+    plots, sweep_plots = [], []
     for task in TASK_ORDER:
         png = os.path.join(HERE, f"{task}.png")
         if _plot(results, task, png):
             plots.append(f"![{task}](bench/accuracy/{task}.png)")
         png = os.path.join(HERE, f"{task}_switch.png")
         if _plot_sweep(results, task, png):
-            plots.append(f"![{task} switch-point sweep](bench/accuracy/{task}_switch.png)")
+            sweep_plots.append(f"![{task} switch-point sweep](bench/accuracy/{task}_switch.png)")
+            plots.append(sweep_plots[-1])
     if _plot_autoswitch(results, os.path.join(HERE, "autoswitch.png")):
         plots.append("![autoswitch](bench/accuracy/autoswitch.png)")
     machines = sorted({f"{r['threads']} thread(s), torch {r['torch']}, Python {r['python']}, backend {r['backend']}"
@@ -621,7 +622,6 @@ def cmd_report(args) -> None:
         f.write("# Accuracy study\n\n" + body.replace("](bench/accuracy/", "]("))
     # The README gets the headline: every recipe per task and ratio, AutoSwitch against the sweep and
     # the sweep's plots; the tuning grids, curves, probes and method live in REPORT.md.
-    sweep_plots = [p for p in plots if "switch-point sweep" in p]
     status = "\n".join([
         f"Protocol v2: {done} runs done of {max(len(configs), planned_total())} planned. {made_on} Method, "
         f"tuning grids, curves and every table: [bench/accuracy/REPORT.md](bench/accuracy/REPORT.md) "
