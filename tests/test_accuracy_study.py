@@ -269,7 +269,8 @@ def test_headline_table_shows_each_tuned_recipe_per_ratio_with_the_paired_step_t
     cells = rows[0].strip("| ").split(" | ")
     assert cells[2:6] == [study._stats(list(values[r])) for r in study.RECIPES]
     diffs = [a - b for a, b in zip(values["step"], values["srste"])]
-    assert cells[6].startswith(f"{statistics.fmean(diffs):+.4f} (p = ") and cells[6].endswith("better on 2 of 3 seeds)")
+    assert cells[6].startswith(f"{statistics.fmean(diffs):+.4f} (paired t-test p = ")
+    assert cells[6].endswith("better on 2 of 3 seeds)")
     one_eight = rows[1].strip("| ").split(" | ")
     assert one_eight[2] == cells[2] and one_eight[3:] == ["-"] * 4  # dense repeats; no 1:8 runs yet
     assert study.headline_table({}) == []

@@ -283,6 +283,16 @@ def paired(a: List[Dict], b: List[Dict]) -> Optional[Tuple[float, float, int, in
     return mean, p, sum(_better(task, x, y) for x, y in pairs), len(pairs)
 
 
+def _step_minus_srste(step_runs: List[Dict], srste_runs: List[Dict]) -> str:
+    """STEP minus SR-STE paired by seed as text (mean difference, p, wins), or "" with fewer than
+    two shared seeds; the headline and the per-task tables both print this one test."""
+    test = paired(step_runs, srste_runs)
+    if test is None:
+        return ""
+    mean, p, wins, n = test
+    return f"{mean:+.4f} (paired t-test p = {p:.2g}; STEP better on {wins} of {n} seeds)"
+
+
 def _switches(runs: List[Dict]) -> str:
     steps = [r["switch_step"] for r in runs if r["switch_step"] is not None]
     return f"{statistics.fmean(steps):.0f} ({min(steps)}-{max(steps)})" if steps else "-"
@@ -353,9 +363,7 @@ def headline_table(results: Dict[str, Dict]) -> List[str]:
         for sparsity in t.sparsities:
             runs = {recipe: seed_runs(results, task, recipe, sparsity, lrs[recipe]) for recipe in RECIPES}
             cells = [_stats([_value(r) for r in runs[recipe]]) for recipe in RECIPES]
-            test = paired(runs["step"], runs["srste"])
-            versus = "-" if test is None else (f"{test[0]:+.4f} (p = {test[1]:.2g}; STEP better on "
-                                              f"{test[2]} of {test[3]} seeds)")
+            versus = _step_minus_srste(runs["step"], runs["srste"]) or "-"
             rows.append(f"| {label} | {sparsity} | {' | '.join(cells)} | {versus} |")
     if not rows:
         return []
@@ -368,11 +376,10 @@ def _paired_lines(results: Dict[str, Dict], task: str) -> List[str]:
     step_lr, srste_lr = tuned_lr(task, "step", results), tuned_lr(task, "srste", results)
     out = []
     for sparsity in TASKS[task].sparsities:
-        test = paired(seed_runs(results, task, "step", sparsity, step_lr),
-                      seed_runs(results, task, "srste", sparsity, srste_lr))
-        if test is not None:
-            mean, p, wins, n = test
-            out.append(f"{sparsity}: {mean:+.4f} (paired t-test p = {p:.2g}; STEP better on {wins} of {n} seeds)")
+        versus = _step_minus_srste(seed_runs(results, task, "step", sparsity, step_lr),
+                                   seed_runs(results, task, "srste", sparsity, srste_lr))
+        if versus:
+            out.append(f"{sparsity}: {versus}")
     if not out:
         return []
     return [f"STEP minus SR-STE ({TASKS[task].metric}), paired by seed: " + "; ".join(out) + ".", ""]
