@@ -83,6 +83,24 @@ def test_a_best_lr_at_the_edge_grows_the_grid_for_every_recipe():
     _tune(results, "lm", (grid[0] / 2,), best)
     assert study.lr_grid("lm", results) == (grown, True)
     assert study.tuned_lr("lm", "step", results) == grid[0]
+    assert len(study._unique(study.plan(results, ("lm",)))) == study.planned_total(results, ("lm",))
+
+
+def test_a_grid_at_its_growth_limit_is_final_and_says_which_best_sits_at_the_edge():
+    results = {}
+    grid = study.LR_GRID
+    best = {r: grid[1] for r in study.RECIPES}
+    for _ in range(study.MAX_GRID_EXTENSIONS + 1):  # dense best at the low edge every time the grid grows
+        grid = study.lr_grid("lm", results)[0]
+        best["dense"] = grid[0]
+        _tune(results, "lm", grid, best)
+    grown, final = study.lr_grid("lm", results)
+    assert final and grown == (study.LR_GRID[0] / 2 ** study.MAX_GRID_EXTENSIONS,) + grown[1:]
+    assert len(grown) == len(study.LR_GRID) + study.MAX_GRID_EXTENSIONS
+    assert study.tuned_lr("lm", "dense", results) == grown[0]
+    title = study._tuning_table(results, "lm")[0]
+    assert "final" in title and f"only {study.MAX_GRID_EXTENSIONS} times, and dense is best at its edge" in title
+    assert len(study._unique(study.plan(results, ("lm",)))) == study.planned_total(results, ("lm",))
 
 
 def test_step_run_records_the_autoswitch_statistic_and_switch():
@@ -280,7 +298,7 @@ def test_planned_total_counts_the_whole_plan_once_tuned():
     results = {}
     for task in study.TASK_ORDER:
         _tune(results, task, study.LR_GRID, {r: study.LR_GRID[1] for r in study.RECIPES})
-    assert len(study._unique(study.plan(results))) == study.planned_total()
+    assert len(study._unique(study.plan(results))) == study.planned_total(results)
 
 
 def test_plan_eta_uses_each_task_median_and_counts_untimed_tasks():

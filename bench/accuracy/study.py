@@ -147,13 +147,14 @@ def plan(results: Dict[str, Dict], tasks=TASK_ORDER) -> Iterator[RunConfig]:
                     yield RunConfig(task, "step", sparsity, lr, seed, switch_at)
 
 
-def planned_total(tasks=TASK_ORDER) -> int:
-    """How many runs the plan holds once tuning is done, if no lr grid has to grow."""
+def planned_total(results: Dict[str, Dict], tasks=TASK_ORDER) -> int:
+    """How many runs the plan holds once tuning is done on the lr grids grown so far (exact once
+    every task's tuning is final; a grid that still has to grow adds its runs then)."""
     total = 0
     for task in tasks:
         t = TASKS[task]
         sparse_recipes = len(RECIPES) - 1
-        total += len(RECIPES) * len(LR_GRID)  # tuning, seed 0 at 2:4
+        total += len(RECIPES) * len(lr_grid(task, results)[0])  # tuning, seed 0 at 2:4
         total += len(t.seeds) - 1 + sparse_recipes * (len(t.sparsities) * len(t.seeds) - 1)
         total += len(SWEEP.get(task, ())) * len(SWITCH_POINTS) * len(t.seeds)
     return total
@@ -174,8 +175,8 @@ def cmd_plan(args) -> None:
     done = sum(c.run_id in results for c in configs)
     for c in configs:
         print(f"{'done' if c.run_id in results else 'todo'}  {c.run_id}")
-    print(f"{done}/{len(configs)} runs done; {planned_total(args.tasks)} in all once tuning is complete "
-          "(runs that need a tuned lr appear then)")
+    print(f"{done}/{len(configs)} runs done; {planned_total(results, args.tasks)} in all once tuning is "
+          "complete (runs that need a tuned lr appear then)")
 
 
 def _plan_eta(results: Dict[str, Dict], todo: List[RunConfig]) -> str:
@@ -216,7 +217,7 @@ def cmd_run(args) -> None:
             continue
         waiting = False
         config = free[0]
-        print(f"[{len(results) + 1}/{planned_total(args.tasks)}] {config.run_id}; {_plan_eta(results, todo)}",
+        print(f"[{len(results) + 1}/{planned_total(results, args.tasks)}] {config.run_id}; {_plan_eta(results, todo)}",
               flush=True)
         start = time.time()
         result = run_if_missing(config, args.results, progress=lambda s: print(s, flush=True))
@@ -317,6 +318,9 @@ def _tuning_table(results: Dict[str, Dict], task: str) -> List[str]:
     if all(cell == "-" for row in rows for cell in row.strip("| ").split(" | ")[1:]):
         return []
     state = "final" if final else "in progress"
+    at_edge = [recipe for recipe in RECIPES if final and _best_on(grid, task, recipe, results) in (grid[0], grid[-1])]
+    if at_edge:
+        state += f"; the grid may grow only {MAX_GRID_EXTENSIONS} times, and {', '.join(at_edge)} is best at its edge"
     return [f"Tuning ({task}, seed 0, {TUNE_SPARSITY}; dense unmasked; {TASKS[task].metric}; {state})", "",
             "| recipe | " + " | ".join(f"peak lr {lr:g}" for lr in grid) + " |",
             "|" + "---|" * (len(grid) + 1), *rows, ""]
@@ -606,14 +610,15 @@ def cmd_report(args) -> None:
     if headline:
         headline = ["Every recipe at its tuned peak lr, final metric, mean ± std over seeds:", "", *headline]
     steps = TASKS["lm"].steps
-    body = (f"{done} runs done of {max(len(configs), planned_total())} planned (the count grows if an lr grid "
+    body = (f"{done} runs done of {max(len(configs), planned_total(results))} planned (the count grows if an lr grid "
             f"has to grow). {made_on} Regenerate with "
             f"`python -m bench.accuracy.study report`; continue with `python -m bench.accuracy.study run`.\n\n"
             f"Method (protocol v2, fixed before any of its results): every run trains {steps} steps with "
             f"AdamW betas {tuple(BETAS)}, eps 1e-8, weight decay {WEIGHT_DECAY:g}, the lr warmed up linearly over "
             f"the first 5% of the steps, then decayed along a cosine to 10% of its peak. Each recipe's peak lr is "
             f"the best of {', '.join(f'{lr:g}' for lr in LR_GRID)} on seed 0 at 2:4 (the same grid for every "
-            f"recipe; a best at an edge grows the grid by a factor of two for every recipe) and is reused at the "
+            f"recipe; a best at an edge grows the grid by a factor of two for every recipe, at most "
+            f"{MAX_GRID_EXTENSIONS} times) and is reused at the "
             f"other ratios; seed 0's tuning run is one of the seeds reported, for every recipe alike. STEP uses "
             f"the default AutoSwitch (relative change of v, threshold 2, T_min 10% and T_max 50% of the run). "
             f"ASP trains dense for {ASP_DENSE_FRACTION:.0%} of the steps (its curve before the dotted line is the "
@@ -631,7 +636,7 @@ def cmd_report(args) -> None:
     # The README gets the headline: every recipe per task and ratio, AutoSwitch against the sweep and
     # the sweep's plots; the tuning grids, curves, probes and method live in REPORT.md.
     status = "\n".join([
-        f"Protocol v2: {done} runs done of {max(len(configs), planned_total())} planned. {made_on} Method, "
+        f"Protocol v2: {done} runs done of {max(len(configs), planned_total(results))} planned. {made_on} Method, "
         f"tuning grids, curves and every table: [bench/accuracy/REPORT.md](bench/accuracy/REPORT.md) "
         f"(regenerate with `python -m bench.accuracy.study report`; continue with "
         f"`python -m bench.accuracy.study run`).", "",
