@@ -281,8 +281,9 @@ def test_headline_table_shows_each_tuned_recipe_per_ratio_with_the_paired_step_t
             config = RunConfig("lm", recipe, None if recipe == "dense" else "2:4", lr, seed)
             results[config.run_id] = {"run_id": config.run_id, "metric": "val_loss", "final": {"val_loss": loss},
                                       "config": {"seed": seed, "task": "lm"}}
-    header, _, *rows, blank = study.headline_table(results)
-    assert header.split(" | ")[2:6] == ["dense", "ASP", "SR-STE", "STEP"] and blank == ""
+    header, _, *rows, blank, legend, end = study.headline_table(results)
+    assert header.split(" | ")[2:6] == ["dense", "ASP", "SR-STE", "STEP"] and blank == end == ""
+    assert legend == "Tasks: lm: TinyGPT, d_model 128, 2 layers, 4 heads, context 64 (0.43M parameters)."
     assert [row.split(" | ")[1] for row in rows] == TASKS["lm"].sparsities  # digits, gpt2, ft: not tuned
     cells = rows[0].strip("| ").split(" | ")
     assert cells[2:6] == [study._stats(list(values[r])) for r in study.RECIPES]

@@ -371,8 +371,11 @@ def headline_table(results: Dict[str, Dict]) -> List[str]:
             rows.append(f"| {label} | {sparsity} | {' | '.join(cells)} | {versus} |")
     if not rows:
         return []
+    shown = [task for task in TASK_ORDER if any(row.startswith(f"| {task}, ") for row in rows)]
+    legend = "; ".join(f"{task}: {TASKS[task].__doc__.splitlines()[0].rstrip('.')}" for task in shown)
     return ["| task, metric | N:M | " + " | ".join(RECIPE_TITLES[r] for r in RECIPES)
-            + " | STEP minus SR-STE, paired by seed |", "|" + "---|" * (len(RECIPES) + 3), *rows, ""]
+            + " | STEP minus SR-STE, paired by seed |", "|" + "---|" * (len(RECIPES) + 3), *rows, "",
+            f"Tasks: {legend}.", ""]
 
 
 def _paired_lines(results: Dict[str, Dict], task: str) -> List[str]:
