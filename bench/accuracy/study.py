@@ -299,10 +299,15 @@ def _switches(runs: List[Dict]) -> str:
     return f"{statistics.fmean(steps):.0f} ({min(steps)}-{max(steps)})" if steps else "-"
 
 
+def _task_summary(task: str) -> str:
+    """The first line of the task class's docstring, without its full stop."""
+    return TASKS[task].__doc__.splitlines()[0].rstrip(".")
+
+
 def _task_title(task: str) -> str:
     t = TASKS[task]
     direction = "higher" if t.higher_is_better else "lower"
-    return f"**{task}** ({t.__doc__.splitlines()[0].rstrip('.')}): {t.metric}, {direction} is better"
+    return f"**{task}** ({_task_summary(task)}): {t.metric}, {direction} is better"
 
 
 def _tuning_table(results: Dict[str, Dict], task: str) -> List[str]:
@@ -318,7 +323,7 @@ def _tuning_table(results: Dict[str, Dict], task: str) -> List[str]:
     if all(cell == "-" for row in rows for cell in row.strip("| ").split(" | ")[1:]):
         return []
     state = "final" if final else "in progress"
-    at_edge = [recipe for recipe in RECIPES if final and _best_on(grid, task, recipe, results) in (grid[0], grid[-1])]
+    at_edge = [r for r in RECIPES if _best_on(grid, task, r, results) in (grid[0], grid[-1])] if final else []
     if at_edge:
         state += f"; the grid may grow only {MAX_GRID_EXTENSIONS} times, and {', '.join(at_edge)} is best at its edge"
     return [f"Tuning ({task}, seed 0, {TUNE_SPARSITY}; dense unmasked; {TASKS[task].metric}; {state})", "",
@@ -357,11 +362,12 @@ def headline_table(results: Dict[str, Dict]) -> List[str]:
     """Markdown lines: one row per task x ratio with every recipe's mean ± std at its tuned lr
     (dense repeated on each ratio of its task) and STEP minus SR-STE paired by seed; tasks whose
     tuning is not final are left out."""
-    rows = []
+    rows, shown = [], []
     for task in TASK_ORDER:
         lrs = {recipe: tuned_lr(task, recipe, results) for recipe in RECIPES}
         if any(lr is None for lr in lrs.values()):
             continue
+        shown.append(task)
         t = TASKS[task]
         label = f"{task}, {t.metric} ({'higher' if t.higher_is_better else 'lower'} is better)"
         for sparsity in t.sparsities:
@@ -371,8 +377,7 @@ def headline_table(results: Dict[str, Dict]) -> List[str]:
             rows.append(f"| {label} | {sparsity} | {' | '.join(cells)} | {versus} |")
     if not rows:
         return []
-    shown = [task for task in TASK_ORDER if any(row.startswith(f"| {task}, ") for row in rows)]
-    legend = "; ".join(f"{task}: {TASKS[task].__doc__.splitlines()[0].rstrip('.')}" for task in shown)
+    legend = "; ".join(f"{task}: {_task_summary(task)}" for task in shown)
     return ["| task, metric | N:M | " + " | ".join(RECIPE_TITLES[r] for r in RECIPES)
             + " | STEP minus SR-STE, paired by seed |", "|" + "---|" * (len(RECIPES) + 3), *rows, "",
             f"Tasks: {legend}.", ""]
@@ -592,6 +597,7 @@ def cmd_report(args) -> None:
     results = load_results(args.results)
     configs = _unique(plan(results))
     done = sum(c.run_id in results for c in configs)
+    total = max(len(configs), planned_total(results))
     tables = summary_tables(results)
     plots, sweep_plots = [], []
     for task in TASK_ORDER:
@@ -613,7 +619,7 @@ def cmd_report(args) -> None:
     if headline:
         headline = ["Every recipe at its tuned peak lr, final metric, mean ± std over seeds:", "", *headline]
     steps = TASKS["lm"].steps
-    body = (f"{done} runs done of {max(len(configs), planned_total(results))} planned (the count grows if an lr grid "
+    body = (f"{done} runs done of {total} planned (the count grows if an lr grid "
             f"has to grow). {made_on} Regenerate with "
             f"`python -m bench.accuracy.study report`; continue with `python -m bench.accuracy.study run`.\n\n"
             f"Method (protocol v2, fixed before any of its results): every run trains {steps} steps with "
@@ -639,7 +645,7 @@ def cmd_report(args) -> None:
     # The README gets the headline: every recipe per task and ratio, AutoSwitch against the sweep and
     # the sweep's plots; the tuning grids, curves, probes and method live in REPORT.md.
     status = "\n".join([
-        f"Protocol v2: {done} runs done of {max(len(configs), planned_total(results))} planned. {made_on} Method, "
+        f"Protocol v2: {done} runs done of {total} planned. {made_on} Method, "
         f"tuning grids, curves and every table: [bench/accuracy/REPORT.md](bench/accuracy/REPORT.md) "
         f"(regenerate with `python -m bench.accuracy.study report`; continue with "
         f"`python -m bench.accuracy.study run`).", "",
